@@ -1,0 +1,58 @@
+"""The one abstraction every backend implements."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from keyd.core.keys import PublicKey
+from keyd.core.keytypes import KeyType
+from keyd.core.model import KeyRecord
+from keyd.core.signing import SignInput
+
+
+@dataclass(frozen=True)
+class GeneratedKey:
+    public_key: PublicKey
+    # Where the key lives on the backend (token and CKA_ID, serial and slot...).
+    location: Mapping[str, str] = field(default_factory=dict)
+    # Store keys only: the private key, kept in the encrypted database with its
+    # catalog row, in the same transaction. Hardware backends leave it None.
+    private_pkcs8: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class BackendHealth:
+    name: str
+    healthy: bool
+    detail: str = ""
+
+
+class Backend(abc.ABC):
+    """Generates keys, signs with them, deletes them, reports health.
+
+    Contract: sign() returns ECDSA signatures DER-encoded and other signatures in
+    their only form; it raises keyd.errors types (Unavailable for a missing
+    device, FailedPrecondition for a locked one). Hardware backends set
+    `always_verify`: the daemon then checks every signature before returning it.
+    """
+
+    name: str
+    always_verify: bool = True
+    # At most this many sign calls in flight on this backend; more are refused so
+    # that a slow device cannot take every worker thread from the other backends.
+    max_in_flight: int | None = 8
+
+    @abc.abstractmethod
+    def generate(self, key_type: KeyType) -> GeneratedKey: ...
+
+    @abc.abstractmethod
+    def sign(self, record: KeyRecord, data: SignInput) -> bytes: ...
+
+    @abc.abstractmethod
+    def delete(self, record: KeyRecord) -> None:
+        """Called after the catalog row is gone: remove or forget the private key."""
+
+    @abc.abstractmethod
+    def health(self) -> BackendHealth: ...

@@ -1,0 +1,95 @@
+"""Backend `store`: online keys (timestamp, snapshot) in the encrypted SQLCipher store.
+
+Private keys are generated with `cryptography`, kept as PKCS#8 DER inside the
+encrypted database, and cached decrypted in memory after first use so that
+unattended signing costs one dictionary lookup plus the signature.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
+from keyd.backends.base import Backend, BackendHealth, GeneratedKey
+from keyd.core.keys import PublicKey
+from keyd.core.keytypes import RSA_BITS, RSA_PSS_SALT_LENGTH, KeyType
+from keyd.core.model import KeyRecord
+from keyd.core.signing import SignInput
+from keyd.errors import Internal
+from keyd.store.catalog import Catalog
+
+PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+
+NAME = "store"
+
+
+def _new_private_key(key_type: KeyType) -> PrivateKey:
+    if key_type is KeyType.ECDSA_P256:
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type is KeyType.ECDSA_P384:
+        return ec.generate_private_key(ec.SECP384R1())
+    if key_type is KeyType.ED25519:
+        return ed25519.Ed25519PrivateKey.generate()
+    return rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
+
+
+def sign_with(key: PrivateKey, key_type: KeyType, data: SignInput) -> bytes:
+    """Sign with a `cryptography` private key: DER for ECDSA, PSS-32 for RSA."""
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(data.message_for(key_type))
+    payload, algorithm = data.digest_and_hash(key_type)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(payload, ec.ECDSA(algorithm))
+    pss = padding.PSS(mgf=padding.MGF1(key_type.hash_algorithm()), salt_length=RSA_PSS_SALT_LENGTH)
+    return key.sign(payload, pss, algorithm)
+
+
+class StoreBackend(Backend):
+    name = NAME
+    # Verification of store keys is the daemon's [store] verify_signatures option.
+    always_verify = False
+    # Signing here is CPU work that releases the GIL; nothing to protect others from.
+    max_in_flight = None
+
+    def __init__(self, catalog: Catalog) -> None:
+        self._catalog = catalog
+        self._cache: dict[str, PrivateKey] = {}
+        self._load_lock = threading.Lock()
+
+    def generate(self, key_type: KeyType) -> GeneratedKey:
+        key = _new_private_key(key_type)
+        pkcs8 = key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),  # the database itself is encrypted
+        )
+        return GeneratedKey(PublicKey.from_crypto(key.public_key()), private_pkcs8=pkcs8)
+
+    def _private_key(self, record: KeyRecord) -> PrivateKey:
+        key = self._cache.get(record.key_id)
+        if key is not None:
+            return key
+        with self._load_lock:
+            key = self._cache.get(record.key_id)
+            if key is None:
+                loaded = serialization.load_der_private_key(
+                    self._catalog.private_pkcs8(record.key_id), password=None
+                )
+                if not isinstance(loaded, PrivateKey):
+                    raise Internal(f"store key {record.key_id} holds an unsupported private key")
+                if PublicKey.from_crypto(loaded.public_key()).notary_key_id != record.key_id:
+                    raise Internal(f"store key {record.key_id} does not match its public key")
+                key = self._cache[record.key_id] = loaded
+        return key
+
+    def sign(self, record: KeyRecord, data: SignInput) -> bytes:
+        return sign_with(self._private_key(record), record.key_type, data)
+
+    def delete(self, record: KeyRecord) -> None:
+        # The private key went with the catalog row (ON DELETE CASCADE).
+        self._cache.pop(record.key_id, None)
+
+    def health(self) -> BackendHealth:
+        return BackendHealth(self.name, True)

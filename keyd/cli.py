@@ -1,0 +1,437 @@
+"""The `keyd` command: serve, init, keys, sign, status.
+
+Errors are one line on stderr (`keyd: error: ...`) and a non-zero exit code,
+never a traceback. Secrets are never taken from argv: only from files, systemd
+credentials or a prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import getpass
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from keyd import __version__, errors
+from keyd.config import DEFAULT_CONFIG, Config, SecretKind
+from keyd.core.keytypes import KeyType, SignatureEncoding
+from keyd.core.model import KeyRecord
+from keyd.errors import InvalidArgument, KeydError, SecretError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_UNAVAILABLE = 4
+EXIT_DENIED = 5
+
+_EXIT_CODES: tuple[tuple[type[KeydError], int], ...] = (
+    (errors.NotFound, EXIT_NOT_FOUND),
+    (errors.Unavailable, EXIT_UNAVAILABLE),
+    (errors.PermissionDenied, EXIT_DENIED),
+    (errors.InvalidArgument, EXIT_USAGE),
+)
+
+
+def _exit_code(exc: KeydError) -> int:
+    return next((code for kind, code in _EXIT_CODES if isinstance(exc, kind)), EXIT_ERROR)
+
+
+# -- output -------------------------------------------------------------------
+
+
+def _iso(ms: int) -> str:
+    return datetime.datetime.fromtimestamp(ms / 1000, datetime.UTC).isoformat(timespec="seconds")
+
+
+def key_json(record: KeyRecord) -> dict[str, Any]:
+    return {
+        "key_id": record.key_id,
+        "tuf_key_id": record.public_key.tuf_key_id,
+        "key_type": record.key_type.value,
+        "tuf_keytype": record.key_type.tuf_keytype,
+        "tuf_scheme": record.key_type.tuf_scheme,
+        "backend": record.backend,
+        "location": dict(record.location),
+        "role": record.role,
+        "collection": record.collection,
+        "labels": dict(record.labels),
+        "created": _iso(record.created_unix_ms),
+        "state": record.state.value,
+        "public_key": base64.b64encode(record.public_key.notary_bytes).decode("ascii"),
+        "public_key_pem": record.public_key.pem,
+    }
+
+
+def _print_json(value: object) -> None:
+    json.dump(value, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def _show_key(record: KeyRecord) -> None:
+    data = key_json(record)
+    width = max(len(k) for k in data)
+    for name in (
+        "key_id",
+        "tuf_key_id",
+        "key_type",
+        "backend",
+        "location",
+        "role",
+        "collection",
+        "labels",
+        "created",
+        "state",
+    ):
+        value = data[name]
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in sorted(value.items())) or "-"
+        print(f"{name.replace('_', ' '):<{width}}  {value or '-'}")
+    print(record.public_key.pem, end="")
+
+
+# -- commands -------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from keyd.client import Client  # grpc is only imported by commands that need it
+
+    return Client(args.socket, timeout=args.timeout)
+
+
+def _labels(pairs: Sequence[str] | None) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for pair in pairs or ():
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise InvalidArgument(f"label {pair!r} must be NAME=VALUE")
+        labels[name] = value
+    return labels
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from keyd.daemon.server import serve
+
+    return serve(Config.load(args.config))
+
+
+def _load_config_for_init(args: argparse.Namespace) -> Config:
+    if args.config is not None:
+        return Config.load(args.config)
+    if DEFAULT_CONFIG.exists() and args.store is None:
+        return Config.load(DEFAULT_CONFIG)
+    return Config()
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from keyd.store.database import Database
+    from keyd.store.secret import StoreSecret, create_secret_file, ensure_private_dir
+
+    config = _load_config_for_init(args)
+    store_path = (args.store or config.store.path).absolute()
+    secret_file = args.secret_file or config.store.secret_file
+    kind = SecretKind.PASSPHRASE if args.passphrase else config.store.secret_kind
+    ensure_private_dir(store_path.parent)
+    if kind is SecretKind.RAW_KEY:
+        if secret_file is None:
+            raise SecretError("say where to write the store secret: --secret-file PATH")
+        secret = StoreSecret.generate()
+        create_secret_file(secret_file.absolute(), secret)
+    elif secret_file is not None and secret_file.exists():
+        from keyd.store.secret import load_store_secret
+
+        secret = load_store_secret(kind, secret_file)
+    else:
+        secret = _prompt_new_passphrase()
+    try:
+        Database.create(store_path, secret).close()
+    except KeydError:
+        if kind is SecretKind.RAW_KEY and secret_file is not None:
+            secret_file.unlink()  # nothing was stored with it; do not leave it behind
+        raise
+    result = {
+        "store": str(store_path),
+        "secret_file": str(secret_file) if secret_file else None,
+        "secret_kind": kind.value,
+    }
+    if args.json:
+        _print_json(result)
+    else:
+        print(f"created store {store_path}")
+        if kind is SecretKind.RAW_KEY:
+            print(f"store secret written to {secret_file} (mode 0600); keep it safe")
+    return 0
+
+
+def _prompt_new_passphrase() -> Any:
+    from keyd.store.secret import StoreSecret
+
+    if not sys.stdin.isatty():
+        raise SecretError(
+            "a passphrase store needs a terminal to type the passphrase, or a secret file "
+            "holding it (--secret-file)"
+        )
+    first = getpass.getpass("new store passphrase: ").encode("utf-8")
+    if getpass.getpass("repeat the passphrase: ").encode("utf-8") != first:
+        raise SecretError("the passphrases differ; nothing was created")
+    return StoreSecret.parse(SecretKind.PASSPHRASE, first, "the passphrase prompt")
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        record = client.create_key(
+            KeyType.parse(args.type),
+            role=args.role,
+            collection=args.collection,
+            labels=_labels(args.label),
+            backend=args.backend,
+        )
+    if args.json:
+        _print_json(key_json(record))
+    else:
+        print(record.key_id)
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        records = client.list_keys(
+            role=args.role,
+            collection=args.collection,
+            backend=args.backend,
+            labels=_labels(args.label),
+        )
+    if args.json:
+        _print_json([key_json(r) for r in records])
+        return 0
+    if not records:
+        print("no keys", file=sys.stderr)
+        return 0
+    print(f"{'KEY ID':<64}  {'TYPE':<10}  {'BACKEND':<8}  {'ROLE':<10}  COLLECTION")
+    for r in records:
+        print(
+            f"{r.key_id}  {r.key_type.value:<10}  {r.backend:<8}  {r.role or '-':<10}  "
+            f"{r.collection or '-'}"
+        )
+    return 0
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        record = client.get_key(args.key_id)
+    if args.json:
+        _print_json(key_json(record))
+    elif args.pem:
+        print(record.public_key.pem, end="")
+    else:
+        _show_key(record)
+    return 0
+
+
+def cmd_keys_delete(args: argparse.Namespace) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise InvalidArgument("deleting a key cannot be undone; confirm with --yes")
+        answer = input(f"delete key {args.key_id}? This cannot be undone [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not deleted", file=sys.stderr)
+            return EXIT_ERROR
+    with _client(args) as client:
+        client.delete_key(args.key_id)
+    if args.json:
+        _print_json({"deleted": args.key_id})
+    else:
+        print(f"deleted {args.key_id}")
+    return 0
+
+
+def _read_input(name: str | None, limit: int) -> bytes:
+    stream: BinaryIO
+    if name in (None, "-"):
+        stream = sys.stdin.buffer
+        data = stream.read(limit + 1)
+    else:
+        try:
+            with open(name, "rb") as f:  # noqa: PTH123 - a plain file argument
+                data = f.read(limit + 1)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot read {name}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise InvalidArgument(f"input is larger than {limit} bytes; sign a digest instead")
+    return data
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    digest = None
+    message = None
+    if args.digest is not None:
+        try:
+            digest = bytes.fromhex(args.digest)
+        except ValueError:
+            raise InvalidArgument("--digest must be hexadecimal") from None
+    else:
+        message = _read_input(args.input, 64 * 1024 * 1024)
+    with _client(args) as client:
+        sig = client.sign(
+            args.key_id, message, digest=digest, encoding=SignatureEncoding(args.encoding)
+        )
+    if args.output:
+        fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(sig.signature)
+    if args.json:
+        _print_json(
+            {
+                "key_id": sig.key_id,
+                "key_type": sig.key_type.value,
+                "encoding": sig.encoding.value,
+                "signature": base64.b64encode(sig.signature).decode("ascii"),
+            }
+        )
+    elif not args.output:
+        print(base64.b64encode(sig.signature).decode("ascii"))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = client.status()
+    healthy = all(b.healthy for b in status.backends)
+    if args.json:
+        _print_json(
+            {
+                "version": status.version,
+                "started": _iso(status.started_unix_ms),
+                "socket": status.socket,
+                "keys": status.keys,
+                "healthy": healthy,
+                "backends": [
+                    {"name": b.name, "healthy": b.healthy, "detail": b.detail, "keys": b.keys}
+                    for b in status.backends
+                ],
+            }
+        )
+    else:
+        print(f"keyd {status.version} on {status.socket}, up since {_iso(status.started_unix_ms)}")
+        print(f"{status.keys} keys")
+        for b in status.backends:
+            state = "ok" if b.healthy else "UNHEALTHY"
+            print(
+                f"  backend {b.name}: {state}, {b.keys} keys{f' ({b.detail})' if b.detail else ''}"
+            )
+    return 0 if healthy else EXIT_UNAVAILABLE
+
+
+# -- parser -----------------------------------------------------------------------
+
+
+def _add_client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        default=None,
+        help="daemon socket (default: $KEYD_SOCKET or /run/keyd/keyd.sock)",
+    )
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds (default 30)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--role", default="", help="root, targets, snapshot, timestamp, ...")
+    parser.add_argument("--collection", default="", help="Notary GUN the key belongs to")
+    parser.add_argument("--label", action="append", metavar="NAME=VALUE")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keyd", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"keyd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the daemon in the foreground")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML configuration")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("init", help="create the encrypted store and its secret")
+    p.add_argument("--config", type=Path, default=None, help="take paths from this config")
+    p.add_argument("--store", type=Path, default=None, help="store file to create")
+    p.add_argument("--secret-file", type=Path, default=None, help="secret file to create")
+    p.add_argument(
+        "--passphrase",
+        action="store_true",
+        help="derive the store key from a passphrase (prompted, or read from "
+        "an existing --secret-file)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_init)
+
+    keys = sub.add_parser("keys", help="create, list, show and delete keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+
+    p = keys_sub.add_parser("create", help="create a key")
+    p.add_argument("--type", required=True, choices=[t.value for t in KeyType])
+    _add_filters(p)
+    p.add_argument("--backend", default="store", help="where the key lives (default store)")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_keys_create)
+
+    p = keys_sub.add_parser("list", help="list keys, optionally filtered")
+    _add_filters(p)
+    p.add_argument("--backend", default="")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_keys_list)
+
+    p = keys_sub.add_parser("show", help="show one key")
+    p.add_argument("key_id")
+    p.add_argument("--pem", action="store_true", help="print only the public key (PEM)")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_keys_show)
+
+    p = keys_sub.add_parser("delete", help="delete a key (cannot be undone)")
+    p.add_argument("key_id")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_keys_delete)
+
+    p = sub.add_parser("sign", help="sign a file, stdin or a digest")
+    p.add_argument("key_id")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--input", help="file to sign (default: stdin)")
+    src.add_argument("--digest", help="hex digest to sign (ECDSA and RSA keys)")
+    p.add_argument(
+        "--encoding",
+        choices=[e.value for e in SignatureEncoding],
+        default="native",
+        help="ECDSA signature form: der (default) or raw r||s (Notary)",
+    )
+    p.add_argument("--output", help="write the binary signature here instead of base64 on stdout")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_sign)
+
+    p = sub.add_parser("status", help="daemon and backend health")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeydError as exc:
+        print(f"keyd: error: {exc.message}", file=sys.stderr)
+        return _exit_code(exc)
+    except KeyboardInterrupt:
+        print("keyd: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

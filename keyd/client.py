@@ -1,0 +1,240 @@
+"""Typed Python client for a running keyd.
+
+    from keyd.client import Client
+    from keyd.core import KeyType
+    with Client() as keyd:                 # $KEYD_SOCKET or /run/keyd/keyd.sock
+        key = keyd.create_key(KeyType.ECDSA_P256, role="timestamp")
+        sig = keyd.sign(key.key_id, b"payload")
+        assert key.public_key.verify(sig.signature, SignInput(message=b"payload"), sig.encoding)
+
+Errors arrive as the keyd.errors types the daemon raised (NotFound,
+InvalidArgument, ...); an unreachable daemon is Unavailable.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+
+from keyd import wire
+from keyd.config import DEFAULT_SOCKET
+from keyd.core.keytypes import KeyType, SignatureEncoding
+from keyd.core.model import KeyRecord
+from keyd.errors import KeydError, Unavailable
+from keyd.v1 import keyd_pb2 as pb
+from keyd.v1 import keyd_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+# Large enough for a 4 MiB payload plus framing (the daemon's default limit).
+_MAX_MESSAGE = 64 * 1024 * 1024
+_BATCH_BYTES = 512 * 1024
+
+
+def default_socket() -> Path:
+    return Path(os.environ.get("KEYD_SOCKET") or DEFAULT_SOCKET)
+
+
+@dataclass(frozen=True)
+class Signature:
+    key_id: str
+    signature: bytes
+    key_type: KeyType
+    encoding: SignatureEncoding
+
+
+@dataclass(frozen=True)
+class SignItem:
+    """One request of a batch: a message or a digest, for one key."""
+
+    key_id: str
+    message: bytes | None = None
+    digest: bytes | None = None
+    encoding: SignatureEncoding = SignatureEncoding.NATIVE
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    healthy: bool
+    detail: str
+    keys: int
+
+
+@dataclass(frozen=True)
+class DaemonStatus:
+    version: str
+    started_unix_ms: int
+    keys: int
+    backends: tuple[BackendStatus, ...]
+    socket: str
+
+
+def _request(item: SignItem) -> pb.SignRequest:
+    return pb.SignRequest(
+        key_id=item.key_id,
+        message=item.message,
+        digest=item.digest,
+        encoding=wire.encoding_to_pb(item.encoding),
+    )
+
+
+def _signature(response: pb.SignResponse) -> Signature:
+    return Signature(
+        key_id=response.key_id,
+        signature=response.signature,
+        key_type=wire.key_type_from_pb(response.key_type),
+        encoding=wire.encoding_from_pb(response.encoding),
+    )
+
+
+class Client:
+    def __init__(self, socket: str | os.PathLike[str] | None = None, *, timeout: float = 30.0):
+        self.socket = Path(socket) if socket is not None else default_socket()
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(
+            f"unix:{self.socket}",
+            options=[
+                ("grpc.max_receive_message_length", _MAX_MESSAGE),
+                ("grpc.max_send_message_length", _MAX_MESSAGE),
+            ],
+        )
+        self._keys = pb_grpc.KeyServiceStub(self._channel)
+        self._signer = pb_grpc.SignServiceStub(self._channel)
+        self._status = pb_grpc.StatusServiceStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _translate(self, error: grpc.RpcError) -> KeydError:
+        call = typing.cast(grpc.Call, error)
+        code = call.code()
+        details = call.details() or code.name
+        kind = dict(call.trailing_metadata() or ()).get(wire.ERROR_KIND_KEY, "")
+        if code is grpc.StatusCode.UNAVAILABLE and not kind:
+            return Unavailable(
+                f"cannot reach keyd at {self.socket}: is the daemon running? "
+                f"(set --socket or KEYD_SOCKET) [{details}]"
+            )
+        return wire.error_for(code, details, str(kind))
+
+    def _call(self, fn: Callable[..., T], request: object) -> T:
+        try:
+            return fn(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise self._translate(error) from None
+
+    # -- key management -----------------------------------------------------
+
+    def create_key(
+        self,
+        key_type: KeyType,
+        *,
+        role: str = "",
+        collection: str = "",
+        labels: Mapping[str, str] | None = None,
+        backend: str = "store",
+    ) -> KeyRecord:
+        request = pb.CreateKeyRequest(
+            key_type=wire.key_type_to_pb(key_type),
+            backend=backend,
+            role=role,
+            collection=collection,
+            labels=dict(labels or {}),
+        )
+        return wire.key_from_pb(self._call(self._keys.CreateKey, request))
+
+    def get_key(self, key_id: str) -> KeyRecord:
+        return wire.key_from_pb(self._call(self._keys.GetKey, pb.GetKeyRequest(key_id=key_id)))
+
+    def list_keys(
+        self,
+        *,
+        role: str = "",
+        collection: str = "",
+        backend: str = "",
+        labels: Mapping[str, str] | None = None,
+    ) -> list[KeyRecord]:
+        request = pb.ListKeysRequest(
+            role=role, collection=collection, backend=backend, labels=dict(labels or {})
+        )
+        response: pb.ListKeysResponse = self._call(self._keys.ListKeys, request)
+        return [wire.key_from_pb(k) for k in response.keys]
+
+    def delete_key(self, key_id: str) -> None:
+        self._call(self._keys.DeleteKey, pb.DeleteKeyRequest(key_id=key_id))
+
+    # -- signing --------------------------------------------------------------
+
+    def sign(
+        self,
+        key_id: str,
+        message: bytes | None = None,
+        *,
+        digest: bytes | None = None,
+        encoding: SignatureEncoding = SignatureEncoding.NATIVE,
+    ) -> Signature:
+        request = _request(SignItem(key_id, message, digest, encoding))
+        return _signature(self._call(self._signer.Sign, request))
+
+    def sign_batch(
+        self, items: Iterable[SignItem], *, batch_size: int = 64
+    ) -> Iterator[Signature | KeydError]:
+        """Sign many items over one stream; yields, in order, a Signature or the
+        error for each item (one bad item does not stop the others)."""
+
+        def batches() -> Iterator[pb.SignBatchRequest]:
+            batch: list[pb.SignRequest] = []
+            size = 0
+            for item in items:
+                request = _request(item)
+                batch.append(request)
+                size += len(item.message or item.digest or b"")
+                if len(batch) >= batch_size or size >= _BATCH_BYTES:
+                    yield pb.SignBatchRequest(requests=batch)
+                    batch, size = [], 0
+            if batch:
+                yield pb.SignBatchRequest(requests=batch)
+
+        try:
+            for response in self._signer.SignBatch(batches()):
+                for result in response.results:
+                    if result.WhichOneof("result") == "signature":
+                        yield _signature(result.signature)
+                    else:
+                        code = wire.code_from_number(result.error.code)
+                        yield wire.error_for(code, result.error.message, result.error.kind)
+        except grpc.RpcError as error:
+            raise self._translate(error) from None
+
+    # -- status -----------------------------------------------------------------
+
+    def status(self) -> DaemonStatus:
+        response: pb.GetStatusResponse = self._call(self._status.GetStatus, pb.GetStatusRequest())
+        return DaemonStatus(
+            version=response.version,
+            started_unix_ms=response.started_unix_ms,
+            keys=response.keys,
+            backends=tuple(
+                BackendStatus(b.name, b.healthy, b.detail, b.keys) for b in response.backends
+            ),
+            socket=response.socket,
+        )

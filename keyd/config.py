@@ -1,0 +1,166 @@
+"""The daemon's TOML configuration: typed sections, validated once at start.
+
+Every problem is reported as `FILE: [section] field: problem`. Relative paths
+are taken relative to the configuration file's directory. Secrets are never
+configuration values: only paths to the files that hold them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from enum import Enum, unique
+from pathlib import Path
+from typing import Any
+
+from keyd.errors import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/keyd/keyd.toml")
+DEFAULT_SOCKET = Path("/run/keyd/keyd.sock")
+DEFAULT_STORE = Path("/var/lib/keyd/keyd.db")
+CREDENTIAL_NAME = "keyd-store-key"
+_SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
+
+
+@unique
+class SecretKind(Enum):
+    RAW_KEY = "raw-key"  # 256-bit random key, hex in the secret file; opens in ~0.1 ms
+    PASSPHRASE = "passphrase"  # SQLCipher's PBKDF2 (256,000 rounds); ~100 ms per open
+
+
+@unique
+class LogLevel(Enum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    socket: Path = DEFAULT_SOCKET
+    # Group given to the socket (mode 0660); empty: the daemon's own group.
+    socket_group: str = ""
+    # Worker threads; also the most RPCs in flight (more are refused, not queued).
+    workers: int = 32
+    # Largest message or digest accepted for signing.
+    max_payload_bytes: int = 4 * 1024 * 1024
+    # Most requests in one SignBatch message.
+    max_batch_items: int = 1024
+    # How long SIGTERM waits for in-flight requests.
+    shutdown_grace_seconds: float = 10.0
+
+    def validate(self) -> None:
+        if not self.socket.is_absolute():
+            _fail("server", "socket", "must be an absolute path")
+        if len(bytes(self.socket)) > _SUN_PATH_MAX:
+            _fail("server", "socket", f"is longer than {_SUN_PATH_MAX} bytes (a Unix socket limit)")
+        _check_range("server", "workers", self.workers, 4, 1024)
+        _check_range("server", "max_payload_bytes", self.max_payload_bytes, 1, 64 * 1024 * 1024)
+        _check_range("server", "max_batch_items", self.max_batch_items, 1, 65536)
+        _check_range("server", "shutdown_grace_seconds", self.shutdown_grace_seconds, 0, 3600)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    path: Path = DEFAULT_STORE
+    # Where the store secret is read when $CREDENTIALS_DIRECTORY/keyd-store-key is absent.
+    secret_file: Path | None = None
+    secret_kind: SecretKind = SecretKind.RAW_KEY
+    # Verify every store-key signature before returning it (hardware keys always are).
+    verify_signatures: bool = False
+
+    def validate(self) -> None:
+        if not self.path.is_absolute():
+            _fail("store", "path", "must be an absolute path")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: LogLevel = LogLevel.INFO
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @classmethod
+    def load(cls, path: Path) -> Config:
+        try:
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        try:
+            return cls.from_dict(data, base=path.parent.resolve())
+        except _FieldError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], base: Path) -> Config:
+        sections: dict[str, Any] = {}
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for name, value in data.items():
+            if name not in known:
+                raise _FieldError(f"[{name}]: unknown section; expected one of {', '.join(known)}")
+            if not isinstance(value, dict):
+                raise _FieldError(f"[{name}]: must be a table")
+            section_type = typing.get_type_hints(cls)[name]
+            sections[name] = _build_section(name, section_type, value, base)
+        config = cls(**sections)
+        config.server.validate()
+        config.store.validate()
+        return config
+
+
+class _FieldError(Exception):
+    pass
+
+
+def _fail(section: str, name: str, problem: str) -> typing.NoReturn:
+    raise _FieldError(f"[{section}] {name}: {problem}")
+
+
+def _check_range(section: str, name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        _fail(section, name, f"{value} is out of range ({low} to {high})")
+
+
+def _build_section(section: str, cls: type[Any], values: dict[str, Any], base: Path) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for name, raw in values.items():
+        if name not in hints:
+            fields = ", ".join(hints)
+            _fail(section, name, f"unknown field; [{section}] takes {fields}")
+        kwargs[name] = _convert(section, name, hints[name], raw, base)
+    return cls(**kwargs)
+
+
+def _convert(section: str, name: str, hint: Any, raw: Any, base: Path) -> Any:
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) and type(None) in args:
+        (inner,) = (a for a in args if a is not type(None))
+        return _convert(section, name, inner, raw, base)
+    if hint is Path:
+        if not isinstance(raw, str) or not raw:
+            _fail(section, name, "must be a non-empty path string")
+        return base / raw
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        choices = [m.value for m in hint]
+        if raw not in choices:
+            _fail(section, name, f"{raw!r} is not one of {', '.join(map(str, choices))}")
+        return hint(raw)
+    if hint is float and isinstance(raw, int | float) and not isinstance(raw, bool):
+        return float(raw)
+    # bool is an int subclass: check the exact type.
+    if type(raw) is not hint:
+        _fail(section, name, f"must be {hint.__name__}, not {type(raw).__name__}")
+    return raw

@@ -1,0 +1,140 @@
+"""Public keys, their Notary and TUF-specification key IDs, and verification."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
+from keyd.core.canonical import encode_canonical
+from keyd.core.keytypes import RSA_BITS, RSA_PSS_SALT_LENGTH, KeyType, SignatureEncoding
+from keyd.core.signing import SignInput, raw_to_der
+from keyd.errors import InvalidArgument
+
+PublicKeyObject = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
+
+_ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """A public key keyd knows, with the IDs Notary and securesystemslib give it."""
+
+    key_type: KeyType
+    key: PublicKeyObject = field(repr=False, compare=False)
+    # Notary's public key bytes: DER SubjectPublicKeyInfo, raw 32 bytes for Ed25519.
+    notary_bytes: bytes
+
+    @classmethod
+    def from_crypto(cls, key: object) -> PublicKey:
+        """Wrap a `cryptography` public key; raises InvalidArgument for unsupported keys."""
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            return cls(KeyType.ED25519, key, raw)
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            if isinstance(key.curve, ec.SECP256R1):
+                key_type = KeyType.ECDSA_P256
+            elif isinstance(key.curve, ec.SECP384R1):
+                key_type = KeyType.ECDSA_P384
+            else:
+                raise InvalidArgument(f"unsupported elliptic curve {key.curve.name}")
+            return cls(key_type, key, _spki(key))
+        if isinstance(key, rsa.RSAPublicKey):
+            if key.key_size != RSA_BITS:
+                raise InvalidArgument(f"unsupported RSA key size {key.key_size}; keyd uses 3072")
+            return cls(KeyType.RSA_3072, key, _spki(key))
+        raise InvalidArgument(f"unsupported public key type {type(key).__name__}")
+
+    @classmethod
+    def from_notary_bytes(cls, key_type: KeyType, data: bytes) -> PublicKey:
+        """Rebuild a key from the bytes stored in the catalog / sent by Notary."""
+        try:
+            if key_type is KeyType.ED25519:
+                key: object = ed25519.Ed25519PublicKey.from_public_bytes(data)
+            else:
+                key = serialization.load_der_public_key(data)
+        except ValueError as exc:
+            raise InvalidArgument(f"malformed {key_type.value} public key: {exc}") from None
+        public = cls.from_crypto(key)
+        if public.key_type is not key_type:
+            raise InvalidArgument(f"public key is {public.key_type.value}, not {key_type.value}")
+        return public
+
+    @property
+    def pem(self) -> str:
+        return self.key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode("ascii")
+
+    @property
+    def spki_der(self) -> bytes:
+        if self.key_type is KeyType.ED25519:
+            return _ED25519_SPKI_PREFIX + self.notary_bytes
+        return self.notary_bytes
+
+    @cached_property
+    def notary_key_id(self) -> str:
+        """sha256 of canonical {"keytype", "keyval": {"private": null, "public": b64}}."""
+        doc = {
+            "keytype": self.key_type.notary_keytype,
+            "keyval": {
+                "private": None,
+                "public": base64.b64encode(self.notary_bytes).decode("ascii"),
+            },
+        }
+        return hashlib.sha256(encode_canonical(doc)).hexdigest()
+
+    @property
+    def tuf_keyval(self) -> dict[str, str]:
+        """keyval as securesystemslib writes it: PEM, or hex of the raw Ed25519 key."""
+        if self.key_type is KeyType.ED25519:
+            return {"public": self.notary_bytes.hex()}
+        return {"public": self.pem}
+
+    @cached_property
+    def tuf_key_id(self) -> str:
+        """The key ID securesystemslib computes (keytype, scheme, keyval)."""
+        doc = {
+            "keytype": self.key_type.tuf_keytype,
+            "scheme": self.key_type.tuf_scheme,
+            "keyval": self.tuf_keyval,
+        }
+        return hashlib.sha256(encode_canonical(doc)).hexdigest()
+
+    def verify(self, signature: bytes, data: SignInput, encoding: SignatureEncoding) -> bool:
+        """True when signature is valid for data in the given (resolved) encoding."""
+        try:
+            self._verify(signature, data, encoding)
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+    def _verify(self, signature: bytes, data: SignInput, encoding: SignatureEncoding) -> None:
+        key = self.key
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(signature, data.message_for(self.key_type))
+            return
+        algorithm = self.key_type.hash_algorithm()
+        digest, hash_arg = data.digest_and_hash(self.key_type)
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            if encoding is SignatureEncoding.RAW:
+                signature = raw_to_der(signature, self.key_type)
+            key.verify(signature, digest, ec.ECDSA(hash_arg))
+            return
+        key.verify(
+            signature,
+            digest,
+            padding.PSS(mgf=padding.MGF1(algorithm), salt_length=RSA_PSS_SALT_LENGTH),
+            hash_arg,
+        )
+
+
+def _spki(key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey) -> bytes:
+    return key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )

@@ -1,0 +1,1 @@
+"""The daemon: the key manager, its gRPC servicers, and the process lifecycle."""

@@ -1,0 +1,223 @@
+"""Process lifecycle: open the store, bind the socket, serve, drain on SIGTERM.
+
+Server model: grpcio's threaded server. On this machine kind it outruns
+grpc.aio for unary calls (docs/performance.md), and cryptography releases the
+GIL while signing, so a pool of threads uses both cores. Each hardware backend
+may hold at most `max_in_flight` workers (KeyManager), so a slow device cannot
+take the pool from store keys.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from collections.abc import Mapping
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from keyd.backends.base import Backend
+from keyd.backends.store import StoreBackend
+from keyd.config import Config
+from keyd.daemon import api, logs
+from keyd.daemon.manager import KeyManager
+from keyd.daemon.notify import notify, watchdog_interval
+from keyd.errors import StartupError
+from keyd.store.catalog import Catalog
+from keyd.store.database import Database
+from keyd.store.secret import load_store_secret
+
+log = logging.getLogger("keyd.server")
+
+SOCKET_MODE = 0o660
+# Room for the protobuf framing around the largest payload, and for batches.
+_MESSAGE_OVERHEAD = 1024 * 1024
+
+
+def prepare_socket_path(path: Path) -> None:
+    """Make sure binding `path` harms nothing: refuse a live server, clear a stale socket."""
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(mode=0o750, parents=True)
+        parent.chmod(0o750)  # the umask (077) would leave the group out
+    st = parent.stat()
+    if st.st_mode & 0o007:
+        raise StartupError(
+            f"socket directory {parent} is open to all users (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); use a directory of mode 0750 or stricter"
+        )
+    try:
+        existing = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(existing.st_mode):
+        raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        log.info("removing stale socket", extra={"socket": str(path)})
+        path.unlink()
+        return
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise StartupError(f"cannot check socket {path}: {exc.strerror}") from None
+        return
+    finally:
+        probe.close()
+    raise StartupError(
+        f"another server (keyd?) is listening on {path}; stop it or set [server] socket"
+    )
+
+
+def _socket_gid(group: str) -> int | None:
+    if not group:
+        return None
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise StartupError(
+            f"[server] socket_group: no group named {group!r} on this host"
+        ) from None
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    health: health.HealthServicer
+    socket_path: Path
+    socket_inode: int
+
+    def stop(self, grace: float) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        try:
+            if self.socket_path.lstat().st_ino == self.socket_inode:
+                self.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def start_server(manager: KeyManager, config: Config) -> RunningServer:
+    """Bind the Unix socket (0660, configured group) and start serving."""
+    server_config = config.server
+    path = server_config.socket
+    gid = _socket_gid(server_config.socket_group)
+    prepare_socket_path(path)
+    limit = server_config.max_payload_bytes + _MESSAGE_OVERHEAD
+    server = grpc.server(
+        futures.ThreadPoolExecutor(
+            max_workers=server_config.workers, thread_name_prefix="keyd-worker"
+        ),
+        maximum_concurrent_rpcs=server_config.workers,
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ],
+    )
+    api.add_servicers(
+        server,
+        manager,
+        socket=str(path),
+        max_batch_items=server_config.max_batch_items,
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *api.SERVICE_NAMES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (*api.SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    try:
+        server.add_insecure_port(f"unix:{path}")
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen on {path}: {exc}") from None
+    server.start()
+    # The umask made the socket 0600 at bind; open it to the group only now.
+    os.chmod(path, SOCKET_MODE)
+    if gid is not None:
+        try:
+            os.chown(path, -1, gid)
+        except PermissionError:
+            server.stop(0)
+            raise StartupError(
+                f"cannot give {path} to group {server_config.socket_group!r}: keyd's user "
+                "must be a member of it"
+            ) from None
+    return RunningServer(server, health_servicer, path, path.lstat().st_ino)
+
+
+def open_manager(
+    config: Config, extra_backends: Mapping[str, Backend] | None = None
+) -> tuple[Database, KeyManager]:
+    secret = load_store_secret(config.store.secret_kind, config.store.secret_file)
+    db = Database.open(config.store.path, secret)
+    catalog = Catalog(db)
+    backends: dict[str, Backend] = {"store": StoreBackend(catalog)}
+    backends.update(extra_backends or {})
+    manager = KeyManager(
+        catalog,
+        backends,
+        verify_store_signatures=config.store.verify_signatures,
+        max_payload_bytes=config.server.max_payload_bytes,
+    )
+    return db, manager
+
+
+def _watchdog(db: Database, interval: float, stop: threading.Event) -> None:
+    while not stop.wait(interval):
+        try:
+            db.ping()
+        except Exception:
+            log.exception("watchdog: store check failed; not pinging systemd")
+            continue
+        notify("WATCHDOG=1")
+
+
+def serve(config: Config) -> int:
+    """Run the daemon in the foreground until SIGTERM/SIGINT; returns the exit code."""
+    logs.configure(config.log.level)
+    os.umask(0o077)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    db, manager = open_manager(config)
+    try:
+        running = start_server(manager, config)
+    except BaseException:
+        db.close()
+        raise
+    keys = manager.key_count()
+    log.info("keyd ready", extra={"socket": str(running.socket_path), "keys": keys})
+    notify(f"READY=1\nSTATUS=serving {keys} keys on {running.socket_path}")
+    interval = watchdog_interval()
+    if interval:
+        threading.Thread(
+            target=_watchdog, args=(db, interval, stop), name="keyd-watchdog", daemon=True
+        ).start()
+
+    while not stop.wait(1.0):
+        pass
+    grace = config.server.shutdown_grace_seconds
+    log.info("stopping: draining in-flight requests", extra={"grace_seconds": grace})
+    notify("STOPPING=1\nSTATUS=draining requests")
+    running.stop(grace)
+    db.close()
+    log.info("keyd stopped")
+    return 0
