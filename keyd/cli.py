@@ -16,13 +16,17 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from keyd import __version__, errors
 from keyd.config import DEFAULT_CONFIG, Config, SecretKind
 from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.core.model import KeyRecord
 from keyd.errors import InvalidArgument, KeydError, SecretError
+
+if TYPE_CHECKING:
+    from keyd.client import Client
+    from keyd.store.secret import StoreSecret
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -98,7 +102,7 @@ def _show_key(record: KeyRecord) -> None:
 # -- commands -------------------------------------------------------------------
 
 
-def _client(args: argparse.Namespace) -> Any:
+def _client(args: argparse.Namespace) -> Client:
     from keyd.client import Client  # grpc is only imported by commands that need it
 
     return Client(args.socket, timeout=args.timeout)
@@ -168,7 +172,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prompt_new_passphrase() -> Any:
+def _prompt_new_passphrase() -> StoreSecret:
     from keyd.store.secret import StoreSecret
 
     if not sys.stdin.isatty():
@@ -257,7 +261,7 @@ def _read_input(name: str | None, limit: int) -> bytes:
         data = stream.read(limit + 1)
     else:
         try:
-            with open(name, "rb") as f:  # noqa: PTH123 - a plain file argument
+            with open(name, "rb") as f:
                 data = f.read(limit + 1)
         except OSError as exc:
             raise InvalidArgument(f"cannot read {name}: {exc.strerror}") from None

@@ -27,6 +27,7 @@ from keyd import wire
 from keyd.config import DEFAULT_SOCKET
 from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.core.model import KeyRecord
+from keyd.core.signing import SignInput
 from keyd.errors import KeydError, Unavailable
 from keyd.v1 import keyd_pb2 as pb
 from keyd.v1 import keyd_pb2_grpc as pb_grpc
@@ -78,12 +79,13 @@ class DaemonStatus:
 
 
 def _request(item: SignItem) -> pb.SignRequest:
-    return pb.SignRequest(
-        key_id=item.key_id,
-        message=item.message,
-        digest=item.digest,
-        encoding=wire.encoding_to_pb(item.encoding),
-    )
+    SignInput(item.message, item.digest)  # raises InvalidArgument for both, neither or empty
+    request = pb.SignRequest(key_id=item.key_id, encoding=wire.encoding_to_pb(item.encoding))
+    if item.message is not None:
+        request.message = item.message
+    if item.digest is not None:
+        request.digest = item.digest
+    return request
 
 
 def _signature(response: pb.SignResponse) -> Signature:
@@ -96,7 +98,9 @@ def _signature(response: pb.SignResponse) -> Signature:
 
 
 class Client:
-    def __init__(self, socket: str | os.PathLike[str] | None = None, *, timeout: float = 30.0):
+    def __init__(
+        self, socket: str | os.PathLike[str] | None = None, *, timeout: float = 30.0
+    ) -> None:
         self.socket = Path(socket) if socket is not None else default_socket()
         self.timeout = timeout
         self._channel = grpc.insecure_channel(

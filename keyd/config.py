@@ -28,7 +28,7 @@ _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 @unique
 class SecretKind(Enum):
     RAW_KEY = "raw-key"  # 256-bit random key, hex in the secret file; opens in ~0.1 ms
-    PASSPHRASE = "passphrase"  # SQLCipher's PBKDF2 (256,000 rounds); ~100 ms per open
+    PASSPHRASE = "passphrase"  # noqa: S105 - a kind name, not a password; SQLCipher's PBKDF2 (256,000 rounds); ~100 ms per open
 
 
 @unique

@@ -33,7 +33,7 @@ _ERROR_FOR_CODE[grpc.StatusCode.INTERNAL] = errors.Internal
 _ERROR_FOR_CODE[grpc.StatusCode.DEADLINE_EXCEEDED] = errors.Unavailable
 _ERROR_FOR_CODE[grpc.StatusCode.CANCELLED] = errors.Unavailable
 
-_CODE_NUMBER = {code: code.value[0] for code in grpc.StatusCode}
+_CODE_NUMBER = {code: int(code.value[0]) for code in grpc.StatusCode}
 _CODE_BY_NUMBER = {number: code for code, number in _CODE_NUMBER.items()}
 
 

@@ -5,7 +5,7 @@ Nothing here does I/O; backends, the daemon and the clients all build on it.
 
 from keyd.core.keys import PublicKey
 from keyd.core.keytypes import KeyType, SignatureEncoding
-from keyd.core.model import KeyRecord, KeyState, KeySelector
+from keyd.core.model import KeyRecord, KeySelector, KeyState
 from keyd.core.signing import SignInput
 
 __all__ = [

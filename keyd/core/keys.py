@@ -11,7 +11,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from keyd.core.canonical import encode_canonical
+from keyd.core.canonical import CanonicalValue, encode_canonical
 from keyd.core.keytypes import RSA_BITS, RSA_PSS_SALT_LENGTH, KeyType, SignatureEncoding
 from keyd.core.signing import SignInput, raw_to_der
 from keyd.errors import InvalidArgument
@@ -80,7 +80,7 @@ class PublicKey:
     @cached_property
     def notary_key_id(self) -> str:
         """sha256 of canonical {"keytype", "keyval": {"private": null, "public": b64}}."""
-        doc = {
+        doc: CanonicalValue = {
             "keytype": self.key_type.notary_keytype,
             "keyval": {
                 "private": None,
@@ -99,7 +99,7 @@ class PublicKey:
     @cached_property
     def tuf_key_id(self) -> str:
         """The key ID securesystemslib computes (keytype, scheme, keyval)."""
-        doc = {
+        doc: CanonicalValue = {
             "keytype": self.key_type.tuf_keytype,
             "scheme": self.key_type.tuf_scheme,
             "keyval": self.tuf_keyval,

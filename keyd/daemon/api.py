@@ -49,7 +49,7 @@ def _rpc(
             return method(self, request, context)
         except KeydError as exc:
             _abort(context, exc)
-        except Exception:
+        except Exception:  # noqa: BLE001 - last resort: log it, tell the caller INTERNAL
             _internal(context, method.__name__)
 
     return handler
@@ -93,7 +93,7 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
             backend=request.backend,
             labels=dict(request.labels),
         )
-        keys = [wire.key_to_pb(r) for r in self._manager.list(selector)]
+        keys = [wire.key_to_pb(r) for r in self._manager.select(selector)]
         return pb.ListKeysResponse(keys=keys)
 
     @_rpc
@@ -136,7 +136,7 @@ class SignServicer(pb_grpc.SignServiceServicer):
                 yield pb.SignBatchResponse(results=[self._item(r) for r in batch.requests])
         except KeydError as exc:
             _abort(context, exc)
-        except Exception:
+        except Exception:  # noqa: BLE001 - last resort: log it, tell the caller INTERNAL
             _internal(context, "SignBatch")
 
     def _item(self, request: pb.SignRequest) -> pb.SignResult:

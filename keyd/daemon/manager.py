@@ -137,8 +137,8 @@ class KeyManager:
     def get(self, key_id: str) -> KeyRecord:
         return self._catalog.get(check_key_id(key_id))
 
-    def list(self, selector: KeySelector) -> list[KeyRecord]:
-        return self._catalog.list(selector)
+    def select(self, selector: KeySelector) -> list[KeyRecord]:
+        return self._catalog.select(selector)
 
     def delete(self, key_id: str) -> None:
         record = self._catalog.remove(check_key_id(key_id))

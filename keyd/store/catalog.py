@@ -66,7 +66,7 @@ class Catalog:
             raise NotFound(f"no key with ID {key_id}; `keyd keys list` shows the keys keyd has")
         return record
 
-    def list(self, selector: KeySelector) -> list[KeyRecord]:
+    def select(self, selector: KeySelector) -> list[KeyRecord]:
         records = [r for r in list(self._records.values()) if selector.matches(r)]
         records.sort(key=lambda r: (r.created_unix_ms, r.key_id))
         return records

@@ -176,9 +176,13 @@ class Database:
         self.query("SELECT 1")
 
     def close(self) -> None:
+        """Close the connection and release the lock; closing twice is harmless."""
         with self._lock:
+            if self._lock_fd < 0:
+                return
             self._conn.close()
             os.close(self._lock_fd)
+            self._lock_fd = -1
 
 
 def _connect(path: Path, secret: StoreSecret) -> sqlcipher3.Connection:

@@ -1,0 +1,156 @@
+"""Start and stop real keyd daemons for tests and benchmarks.
+
+Each Daemon gets its own 0700 directory, a fresh SQLCipher store created with
+`keyd init`, and its own Unix socket. Readiness is read from sd_notify: the
+harness binds a datagram socket, passes it as NOTIFY_SOCKET, and waits for
+READY=1, exactly as systemd does. Every process started here is stopped by
+Daemon.stop() (tests use it through fixtures).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from keyd.client import Client
+
+READY_TIMEOUT = 60.0
+
+
+def keyd_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "keyd.cli", *args]
+
+
+def run_keyd(*args: str, env: dict[str, str] | None = None, input_: bytes | None = None,
+             timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        keyd_command(*args),
+        capture_output=True,
+        text=True,
+        env=env,
+        input=input_.decode() if input_ is not None else None,
+        timeout=timeout,
+        check=False,
+    )
+
+
+class Daemon:
+    """A keyd process on a private socket, with its store and logs in `home`."""
+
+    def __init__(self, home: Path, *, server_extra: str = "", store_extra: str = "") -> None:
+        self.home = home
+        self.home.chmod(0o700)
+        self.socket = home / "run" / "keyd.sock"
+        self.store = home / "state" / "keyd.db"
+        self.secret = home / "secret" / "store.key"
+        self.config = home / "keyd.toml"
+        self.log_path = home / "keyd.log"
+        self.config.write_text(
+            "[server]\n"
+            f'socket = "{self.socket}"\n{server_extra}\n'
+            "[store]\n"
+            f'path = "{self.store}"\n'
+            f'secret_file = "{self.secret}"\n{store_extra}\n'
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def init(self) -> None:
+        result = run_keyd("init", "--config", str(self.config))
+        if result.returncode != 0:
+            raise RuntimeError(f"keyd init failed: {result.stderr}")
+
+    def start(self, *, wait: bool = True, env: dict[str, str] | None = None) -> None:
+        notify_path = Path(tempfile.mkdtemp(prefix="keyd-notify-")) / "notify.sock"
+        self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._notify.bind(str(notify_path))
+        self._notify_dir = notify_path.parent
+        child_env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+        child_env.pop("CREDENTIALS_DIRECTORY", None)
+        child_env.update(env or {})
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                keyd_command("serve", "--config", str(self.config)),
+                stderr=log,
+                stdout=subprocess.DEVNULL,
+                env=child_env,
+            )
+        if wait:
+            self.wait_for("READY=1")
+
+    def notifications(self, timeout: float) -> Iterator[str]:
+        """Messages the daemon sent to NOTIFY_SOCKET, as they arrive."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            self._notify.settimeout(min(left, 0.2))
+            try:
+                yield self._notify.recv(4096).decode()
+            except TimeoutError:
+                if self.proc is not None and self.proc.poll() is not None:
+                    return
+        return
+
+    def wait_for(self, state: str, timeout: float = READY_TIMEOUT) -> str:
+        for message in self.notifications(timeout):
+            if state in message.split("\n"):
+                return message
+        code = self.proc.poll() if self.proc else None
+        raise RuntimeError(
+            f"keyd did not send {state} (exit code {code}); log:\n{self.logs()}"
+        )
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def client(self, timeout: float = 30.0) -> Client:
+        return Client(self.socket, timeout=timeout)
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> int | None:
+        """SIGTERM, then SIGKILL if it does not exit; returns the exit code."""
+        if self.proc is None:
+            return None
+        proc, self.proc = self.proc, None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._notify.close()
+        for leftover in self._notify_dir.iterdir():
+            leftover.unlink()
+        self._notify_dir.rmdir()
+        return proc.returncode
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        self.stop()
+
+
+@contextmanager
+def running_daemon(home: Path, **kwargs: str) -> Iterator[Daemon]:
+    daemon = Daemon(home, **kwargs)
+    daemon.init()
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
