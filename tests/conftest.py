@@ -31,7 +31,7 @@ def daemon(daemon_home: Path) -> Iterator[Daemon]:
     d.init()
     d.start()
     yield d
-    assert d.stop() == 0, d.logs()
+    assert d.stop() in (0, None), d.logs()  # None: the test stopped it itself
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,7 @@ class Daemon:
 
     def __init__(self, home: Path, *, server_extra: str = "", store_extra: str = "") -> None:
         self.home = home
+        self.home.mkdir(mode=0o700, exist_ok=True)
         self.home.chmod(0o700)
         self.socket = home / "run" / "keyd.sock"
         self.store = home / "state" / "keyd.db"

@@ -130,9 +130,14 @@ class Database:
                 check = conn.execute("PRAGMA quick_check").fetchall()
             except sqlcipher3.DatabaseError as exc:
                 conn.close()
+                if "not a database" in str(exc):
+                    # SQLCipher cannot tell a wrong key from a damaged first page.
+                    raise StoreError(
+                        f"cannot open store {path}: the store secret does not match it, or "
+                        f"the file is damaged or not a keyd store ({exc})"
+                    ) from None
                 raise StoreError(
-                    f"cannot open store {path}: the store secret does not match it, or the "
-                    f"file is damaged or not a keyd store ({exc})"
+                    f"store {path} is damaged ({exc}). Restore it from a backup"
                 ) from None
             if check != [("ok",)]:
                 conn.close()
