@@ -29,8 +29,9 @@ def keyd_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "keyd.cli", *args]
 
 
-def run_keyd(*args: str, env: dict[str, str] | None = None, input_: bytes | None = None,
-             timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_keyd(
+    *args: str, env: dict[str, str] | None = None, input_: bytes | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         keyd_command(*args),
         capture_output=True,
@@ -103,9 +104,7 @@ class Daemon:
             if state in message.split("\n"):
                 return message
         code = self.proc.poll() if self.proc else None
-        raise RuntimeError(
-            f"keyd did not send {state} (exit code {code}); log:\n{self.logs()}"
-        )
+        raise RuntimeError(f"keyd did not send {state} (exit code {code}); log:\n{self.logs()}")
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -38,18 +38,23 @@ def client(shared_daemon: Daemon) -> Iterator[Client]:
 
 
 @pytest.fixture(scope="module")
-def stubs(shared_daemon: Daemon) -> Iterator[tuple[pb_grpc.KeyServiceStub, pb_grpc.SignServiceStub]]:
+def stubs(
+    shared_daemon: Daemon,
+) -> Iterator[tuple[pb_grpc.KeyServiceStub, pb_grpc.SignServiceStub]]:
     with grpc.insecure_channel(f"unix:{shared_daemon.socket}") as channel:
         yield pb_grpc.KeyServiceStub(channel), pb_grpc.SignServiceStub(channel)
 
 
 @pytest.fixture(scope="module")
 def keys(client: Client) -> dict[KeyType, KeyRecord]:
-    return {t: client.create_key(t, role="timestamp", collection="example.com/app") for t in KeyType}
+    return {
+        t: client.create_key(t, role="timestamp", collection="example.com/app") for t in KeyType
+    }
 
 
-def independent_verify(record: KeyRecord, signature: bytes, message: bytes,
-                       encoding: SignatureEncoding) -> None:
+def independent_verify(
+    record: KeyRecord, signature: bytes, message: bytes, encoding: SignatureEncoding
+) -> None:
     """Verify with cryptography only, from the PEM the daemon reported."""
     public = serialization.load_pem_public_key(record.public_key.pem.encode())
     if isinstance(public, ed25519.Ed25519PublicKey):
@@ -58,7 +63,8 @@ def independent_verify(record: KeyRecord, signature: bytes, message: bytes,
         if encoding is SignatureEncoding.RAW:
             half = len(signature) // 2
             signature = utils.encode_dss_signature(
-                int.from_bytes(signature[:half], "big"), int.from_bytes(signature[half:], "big"))
+                int.from_bytes(signature[:half], "big"), int.from_bytes(signature[half:], "big")
+            )
         algorithm = hashes.SHA384() if isinstance(public.curve, ec.SECP384R1) else hashes.SHA256()
         public.verify(signature, message, ec.ECDSA(algorithm))
     else:
@@ -84,7 +90,9 @@ def test_sign_each_key_type_and_verify_independently(
     sslib.verify_signature(SslibSignature(sslib.keyid, sig.signature.hex()), MESSAGE)
 
 
-@pytest.mark.parametrize(("key_type", "width"), [(KeyType.ECDSA_P256, 64), (KeyType.ECDSA_P384, 96)])
+@pytest.mark.parametrize(
+    ("key_type", "width"), [(KeyType.ECDSA_P256, 64), (KeyType.ECDSA_P384, 96)]
+)
 def test_ecdsa_raw_encoding_for_notary(
     client: Client, keys: dict[KeyType, KeyRecord], key_type: KeyType, width: int
 ) -> None:
@@ -118,12 +126,20 @@ def test_key_metadata_and_ids(client: Client, keys: dict[KeyType, KeyRecord]) ->
 
 
 def test_list_filters(client: Client) -> None:
-    a = client.create_key(KeyType.ED25519, role="snapshot", collection="list.test/a",
-                          labels={"team": "red"})
+    a = client.create_key(
+        KeyType.ED25519, role="snapshot", collection="list.test/a", labels={"team": "red"}
+    )
     b = client.create_key(KeyType.ED25519, role="timestamp", collection="list.test/a")
-    c = client.create_key(KeyType.ECDSA_P256, role="snapshot", collection="list.test/b",
-                          labels={"team": "red", "env": "prod"})
-    ids = lambda records: {r.key_id for r in records}  # noqa: E731
+    c = client.create_key(
+        KeyType.ECDSA_P256,
+        role="snapshot",
+        collection="list.test/b",
+        labels={"team": "red", "env": "prod"},
+    )
+
+    def ids(records: list[KeyRecord]) -> set[str]:
+        return {r.key_id for r in records}
+
     assert ids(client.list_keys(collection="list.test/a")) == {a.key_id, b.key_id}
     assert ids(client.list_keys(role="snapshot", collection="list.test/b")) == {c.key_id}
     assert ids(client.list_keys(labels={"team": "red"})) == {a.key_id, c.key_id}
@@ -196,7 +212,7 @@ def _code(call: object, request: object) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         call(request, timeout=10)  # type: ignore[operator]
     error = info.value
-    return error.code(), error.details()  # type: ignore[attr-defined]
+    return error.code(), str(error.details())
 
 
 def test_unknown_key(stubs: tuple[pb_grpc.KeyServiceStub, pb_grpc.SignServiceStub]) -> None:
@@ -234,26 +250,30 @@ def test_unsupported_encoding(
 ) -> None:
     _, signer = stubs
     ed = keys[KeyType.ED25519].key_id
-    code, details = _code(signer.Sign, pb.SignRequest(
-        key_id=ed, message=b"m", encoding=pb.SIGNATURE_ENCODING_RAW))
+    code, details = _code(
+        signer.Sign, pb.SignRequest(key_id=ed, message=b"m", encoding=pb.SIGNATURE_ENCODING_RAW)
+    )
     assert code is grpc.StatusCode.INVALID_ARGUMENT
     assert "applies to ECDSA keys only" in details
-    code, details = _code(signer.Sign, pb.SignRequest(
-        key_id=ed, message=b"m", encoding=42))  # type: ignore[arg-type]
+    code, details = _code(signer.Sign, pb.SignRequest(key_id=ed, message=b"m", encoding=42))  # type: ignore[arg-type]
     assert code is grpc.StatusCode.INVALID_ARGUMENT
     assert "unsupported signature encoding" in details
 
 
-@pytest.mark.parametrize(("key_type", "length"), [(KeyType.ECDSA_P256, 20),
-                                                  (KeyType.ECDSA_P384, 32),
-                                                  (KeyType.RSA_3072, 0)])
+@pytest.mark.parametrize(
+    ("key_type", "length"),
+    [(KeyType.ECDSA_P256, 20), (KeyType.ECDSA_P384, 32), (KeyType.RSA_3072, 0)],
+)
 def test_digest_of_wrong_length(
     stubs: tuple[pb_grpc.KeyServiceStub, pb_grpc.SignServiceStub],
-    keys: dict[KeyType, KeyRecord], key_type: KeyType, length: int,
+    keys: dict[KeyType, KeyRecord],
+    key_type: KeyType,
+    length: int,
 ) -> None:
     _, signer = stubs
-    code, details = _code(signer.Sign, pb.SignRequest(
-        key_id=keys[key_type].key_id, digest=b"\1" * length))
+    code, details = _code(
+        signer.Sign, pb.SignRequest(key_id=keys[key_type].key_id, digest=b"\1" * length)
+    )
     assert code is grpc.StatusCode.INVALID_ARGUMENT
     assert f"digest is {length} bytes" in details
 
@@ -264,9 +284,15 @@ def test_empty_and_missing_payload(
     _, signer = stubs
     key_id = keys[KeyType.ECDSA_P256].key_id
     code, details = _code(signer.Sign, pb.SignRequest(key_id=key_id, message=b""))
-    assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, "nothing to sign: the message is empty")
+    assert (code, details) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "nothing to sign: the message is empty",
+    )
     code, details = _code(signer.Sign, pb.SignRequest(key_id=key_id))
-    assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, "nothing to sign: set message or digest")
+    assert (code, details) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "nothing to sign: set message or digest",
+    )
 
 
 @pytest.mark.parametrize(
@@ -280,8 +306,11 @@ def test_empty_and_missing_payload(
     ],
 )
 def test_invalid_key_metadata(
-    stubs: tuple[pb_grpc.KeyServiceStub, pb_grpc.SignServiceStub], client: Client,
-    field: str, value: object, expected: str,
+    stubs: tuple[pb_grpc.KeyServiceStub, pb_grpc.SignServiceStub],
+    client: Client,
+    field: str,
+    value: object,
+    expected: str,
 ) -> None:
     keys_stub, _ = stubs
     before = len(client.list_keys())
@@ -305,14 +334,19 @@ def test_health_and_reflection(shared_daemon: Daemon) -> None:
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.RpcError) as info:
             health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
-        assert info.value.code() is grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+        assert info.value.code() is grpc.StatusCode.NOT_FOUND
 
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         replies = stub.ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
         names = {s.name for r in replies for s in r.list_services_response.service}
-        assert {"keyd.v1.KeyService", "keyd.v1.SignService", "keyd.v1.StatusService",
-                "grpc.health.v1.Health"} <= names
+        assert {
+            "keyd.v1.KeyService",
+            "keyd.v1.SignService",
+            "keyd.v1.StatusService",
+            "grpc.health.v1.Health",
+        } <= names
 
 
 def test_status(client: Client, shared_daemon: Daemon) -> None:

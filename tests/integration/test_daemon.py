@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from keyd.client import Client
 from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.core.signing import SignInput
 from keyd.errors import KeydError, PayloadTooLarge, ResourceExhausted, Unavailable
@@ -28,8 +29,11 @@ from tests.harness import Daemon
 
 
 def _files(directory: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in directory.iterdir() if p.is_file() and p.suffix != ".lock"}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in directory.iterdir()
+        if p.is_file() and p.suffix != ".lock"
+    }
 
 
 def _fails_to_start(d: Daemon, expected: str) -> str:
@@ -95,7 +99,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_zero(daemon: Daemon) -> Non
     created = [r for r in results if isinstance(r, str)]
     assert len(results) == 8
     assert created, results  # at least the in-flight ones finished
-    assert all(isinstance(r, str) or isinstance(r, Unavailable) for r in results), results
+    assert all(isinstance(r, str | Unavailable) for r in results), results
     assert "keyd stopped" in daemon.logs()
     daemon.stop()
     daemon.start()
@@ -114,8 +118,9 @@ def test_keys_survive_restart(daemon: Daemon) -> None:
             again = c.get_key(record.key_id)
             assert again.public_key.pem == record.public_key.pem
             sig = c.sign(record.key_id, b"after restart")
-            assert record.public_key.verify(sig.signature, SignInput(message=b"after restart"),
-                                            sig.encoding)
+            assert record.public_key.verify(
+                sig.signature, SignInput(message=b"after restart"), sig.encoding
+            )
 
 
 def test_sigkill_during_key_creation_leaves_whole_keys(daemon: Daemon) -> None:
@@ -130,8 +135,10 @@ def test_sigkill_during_key_creation_leaves_whole_keys(daemon: Daemon) -> None:
                 except KeydError:
                     return
 
-    threads = [threading.Thread(target=create, args=(t,))
-               for t in (KeyType.ECDSA_P256, KeyType.ED25519, KeyType.ECDSA_P256, KeyType.RSA_3072)]
+    threads = [
+        threading.Thread(target=create, args=(t,))
+        for t in (KeyType.ECDSA_P256, KeyType.ED25519, KeyType.ECDSA_P256, KeyType.RSA_3072)
+    ]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 30
@@ -156,8 +163,7 @@ def test_sigkill_during_key_creation_leaves_whole_keys(daemon: Daemon) -> None:
 
 def test_second_daemon_on_a_live_socket_refuses(daemon: Daemon, short_tmp: Path) -> None:
     other = Daemon(short_tmp / "other")
-    other.config.write_text(other.config.read_text().replace(str(other.socket),
-                                                             str(daemon.socket)))
+    other.config.write_text(other.config.read_text().replace(str(other.socket), str(daemon.socket)))
     other.init()
     _fails_to_start(other, "another server (keyd?) is listening on")
     with daemon.client() as c:  # the first one is unharmed
@@ -261,10 +267,11 @@ def test_credentials_directory_supplies_the_secret(daemon_home: Path, short_tmp:
 
 
 def test_client_pointed_at_no_daemon(short_tmp: Path) -> None:
-    from keyd.client import Client
-
-    with Client(short_tmp / "nothing.sock", timeout=5) as c, pytest.raises(
-        Unavailable, match="cannot reach keyd at .*nothing.sock: is the daemon running"
+    with (
+        Client(short_tmp / "nothing.sock", timeout=5) as c,
+        pytest.raises(
+            Unavailable, match=r"cannot reach keyd at .*nothing\.sock: is the daemon running"
+        ),
     ):
         c.status()
 
@@ -329,12 +336,13 @@ def test_oversized_messages_are_refused_and_daemon_keeps_serving(daemon_home: Pa
                 c.sign(key.key_id, b"x" * (3 * 1024 * 1024))
             with grpc.insecure_channel(f"unix:{d.socket}") as channel:
                 stub = pb_grpc.SignServiceStub(channel)
-                batch = pb.SignBatchRequest(requests=[
-                    pb.SignRequest(key_id=key.key_id, message=b"m")] * 5)
+                batch = pb.SignBatchRequest(
+                    requests=[pb.SignRequest(key_id=key.key_id, message=b"m")] * 5
+                )
                 with pytest.raises(grpc.RpcError) as info:
                     list(stub.SignBatch(iter([batch]), timeout=10))
-                assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
-                assert "the limit is 4" in info.value.details()  # type: ignore[attr-defined]
+                assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+                assert "the limit is 4" in str(info.value.details())
             sig = c.sign(key.key_id, b"x" * 1024, encoding=SignatureEncoding.RAW)
             assert len(sig.signature) == 64
     finally:

@@ -25,8 +25,11 @@ def test_defaults(tmp_path: Path) -> None:
 
 
 def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
-    config = _load(tmp_path, '[server]\nsocket = "run/k.sock"\n[store]\npath = "db/k.db"\n'
-                   'secret_file = "k.key"\nsecret_kind = "passphrase"\n')
+    config = _load(
+        tmp_path,
+        '[server]\nsocket = "run/k.sock"\n[store]\npath = "db/k.db"\n'
+        'secret_file = "k.key"\nsecret_kind = "passphrase"\n',
+    )
     assert config.server.socket == tmp_path.resolve() / "run/k.sock"
     assert config.store.path == tmp_path.resolve() / "db/k.db"
     assert config.store.secret_file == tmp_path.resolve() / "k.key"

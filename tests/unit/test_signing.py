@@ -58,14 +58,21 @@ def test_digest_and_message_signatures_are_interchangeable(key_type: KeyType) ->
     digest = hashlib.new(key_type.hash_algorithm().name, MESSAGE).digest()
     by_digest = sign_with(private, key_type, SignInput(digest=digest))
     # A signature over the digest verifies as a signature over the message.
-    assert public.verify(by_digest, SignInput(message=MESSAGE), SignatureEncoding.DER
-                         if key_type.is_ecdsa else SignatureEncoding.NATIVE)
+    assert public.verify(
+        by_digest,
+        SignInput(message=MESSAGE),
+        SignatureEncoding.DER if key_type.is_ecdsa else SignatureEncoding.NATIVE,
+    )
 
 
 @pytest.mark.parametrize(
     ("key_type", "length"),
-    [(KeyType.ECDSA_P256, 31), (KeyType.ECDSA_P256, 48), (KeyType.ECDSA_P384, 32),
-     (KeyType.RSA_3072, 64)],
+    [
+        (KeyType.ECDSA_P256, 31),
+        (KeyType.ECDSA_P256, 48),
+        (KeyType.ECDSA_P384, 32),
+        (KeyType.RSA_3072, 64),
+    ],
 )
 def test_wrong_digest_length_is_refused(key_type: KeyType, length: int) -> None:
     with pytest.raises(InvalidArgument, match=f"digest is {length} bytes"):

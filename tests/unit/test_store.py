@@ -50,9 +50,23 @@ def _digest_files(directory: Path) -> dict[str, str]:
     }
 
 
-def _add_key(catalog: Catalog, backend: StoreBackend, key_type: KeyType, **kw: str) -> KeyRecord:
+def _add_key(
+    catalog: Catalog,
+    backend: StoreBackend,
+    key_type: KeyType,
+    *,
+    role: str = "",
+    collection: str = "",
+    labels: dict[str, str] | None = None,
+) -> KeyRecord:
     generated = backend.generate(key_type)
-    record = KeyRecord(public_key=generated.public_key, backend="store", **kw)  # type: ignore[arg-type]
+    record = KeyRecord(
+        public_key=generated.public_key,
+        backend="store",
+        role=role,
+        collection=collection,
+        labels=labels or {},
+    )
     return catalog.add(record, generated.private_pkcs8)
 
 
@@ -107,7 +121,7 @@ def test_corrupted_page_is_refused(db: Database, store_dir: Path, secret: StoreS
     catalog = Catalog(db)
     backend = StoreBackend(catalog)
     for _ in range(40):
-        _add_key(catalog, backend, KeyType.ED25519, labels={"filler": "x" * 200})  # type: ignore[arg-type]
+        _add_key(catalog, backend, KeyType.ED25519, labels={"filler": "x" * 200})
     db.close()
     path = store_dir / "keyd.db"
     data = bytearray(path.read_bytes())
@@ -152,7 +166,7 @@ def test_store_directory_with_unsafe_mode_is_refused(
 ) -> None:
     db.close()
     store_dir.chmod(0o755)
-    with pytest.raises(StoreError, match="store directory .* must be mode 0700"):
+    with pytest.raises(StoreError, match=r"store directory .* must be mode 0700"):
         Database.open(store_dir / "keyd.db", secret)
 
 
@@ -175,8 +189,7 @@ def test_nothing_secret_reaches_the_disk_unencrypted(db: Database, store_dir: Pa
     backend = StoreBackend(catalog)
     marker = "plaintext-marker-label-value"
     records = [
-        _add_key(catalog, backend, key_type, labels={"marker": marker})  # type: ignore[arg-type]
-        for key_type in KeyType
+        _add_key(catalog, backend, key_type, labels={"marker": marker}) for key_type in KeyType
     ]
     private_blobs = [catalog.private_pkcs8(r.key_id) for r in records]
 
@@ -184,9 +197,13 @@ def test_nothing_secret_reaches_the_disk_unencrypted(db: Database, store_dir: Pa
         found = []
         for path in store_dir.iterdir():
             data = path.read_bytes()
-            for needle in [marker.encode(), b"store_private_keys", b"SQLite format 3",
-                           *[blob[-32:] for blob in private_blobs],
-                           *[r.key_id.encode() for r in records]]:
+            for needle in [
+                marker.encode(),
+                b"store_private_keys",
+                b"SQLite format 3",
+                *[blob[-32:] for blob in private_blobs],
+                *[r.key_id.encode() for r in records],
+            ]:
                 if needle in data:
                     found.append(f"{path.name}: {needle[:20]!r}")
         return found
@@ -215,10 +232,14 @@ def test_catalog_filters(db: Database) -> None:
     catalog = Catalog(db)
     backend = StoreBackend(catalog)
     ts = _add_key(catalog, backend, KeyType.ECDSA_P256, role="timestamp", collection="a/b")
-    sn = _add_key(catalog, backend, KeyType.ED25519, role="snapshot", collection="a/b",
-                  labels={"env": "prod"})  # type: ignore[arg-type]
+    sn = _add_key(
+        catalog, backend, KeyType.ED25519, role="snapshot", collection="a/b", labels={"env": "prod"}
+    )
     other = _add_key(catalog, backend, KeyType.ED25519, role="snapshot", collection="c/d")
-    ids = lambda sel: {r.key_id for r in catalog.select(sel)}  # noqa: E731
+
+    def ids(selector: KeySelector) -> set[str]:
+        return {r.key_id for r in catalog.select(selector)}
+
     assert ids(KeySelector()) == {ts.key_id, sn.key_id, other.key_id}
     assert ids(KeySelector(collection="a/b")) == {ts.key_id, sn.key_id}
     assert ids(KeySelector(role="snapshot", collection="a/b")) == {sn.key_id}
