@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass
 from functools import cached_property
 
 from cryptography.exceptions import InvalidSignature
@@ -23,11 +24,14 @@ _ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
 
 @dataclass(frozen=True)
 class PublicKey:
-    """A public key keyd knows, with the IDs Notary and securesystemslib give it."""
+    """A public key keyd knows, with the IDs Notary and securesystemslib give it.
+
+    Held as Notary's bytes (DER SubjectPublicKeyInfo, raw 32 bytes for Ed25519);
+    the `cryptography` object is parsed on first use, so loading a large catalog
+    costs a hash per key, not a curve-point check.
+    """
 
     key_type: KeyType
-    key: PublicKeyObject = field(repr=False, compare=False)
-    # Notary's public key bytes: DER SubjectPublicKeyInfo, raw 32 bytes for Ed25519.
     notary_bytes: bytes
 
     @classmethod
@@ -35,24 +39,41 @@ class PublicKey:
         """Wrap a `cryptography` public key; raises InvalidArgument for unsupported keys."""
         if isinstance(key, ed25519.Ed25519PublicKey):
             raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-            return cls(KeyType.ED25519, key, raw)
-        if isinstance(key, ec.EllipticCurvePublicKey):
+            public = cls(KeyType.ED25519, raw)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
             if isinstance(key.curve, ec.SECP256R1):
-                key_type = KeyType.ECDSA_P256
+                public = cls(KeyType.ECDSA_P256, _spki(key))
             elif isinstance(key.curve, ec.SECP384R1):
-                key_type = KeyType.ECDSA_P384
+                public = cls(KeyType.ECDSA_P384, _spki(key))
             else:
                 raise InvalidArgument(f"unsupported elliptic curve {key.curve.name}")
-            return cls(key_type, key, _spki(key))
-        if isinstance(key, rsa.RSAPublicKey):
+        elif isinstance(key, rsa.RSAPublicKey):
             if key.key_size != RSA_BITS:
                 raise InvalidArgument(f"unsupported RSA key size {key.key_size}; keyd uses 3072")
-            return cls(KeyType.RSA_3072, key, _spki(key))
-        raise InvalidArgument(f"unsupported public key type {type(key).__name__}")
+            public = cls(KeyType.RSA_3072, _spki(key))
+        else:
+            raise InvalidArgument(f"unsupported public key type {type(key).__name__}")
+        public.__dict__["key"] = key  # prime the cached_property below
+        return public
 
     @classmethod
-    def from_notary_bytes(cls, key_type: KeyType, data: bytes) -> PublicKey:
-        """Rebuild a key from the bytes stored in the catalog / sent by Notary."""
+    def from_notary_bytes(
+        cls, key_type: KeyType, data: bytes, *, trusted: bool = False
+    ) -> PublicKey:
+        """Rebuild a key from Notary's bytes. Untrusted bytes (from a caller) are parsed
+        and must be in canonical form now; trusted ones (from the encrypted catalog)
+        are parsed when first used."""
+        public = cls(key_type, bytes(data))
+        if not trusted:
+            parsed = PublicKey.from_crypto(public.key)
+            if parsed.notary_bytes != public.notary_bytes:
+                raise InvalidArgument(f"{key_type.value} public key is not in canonical form")
+        return public
+
+    @cached_property
+    def key(self) -> PublicKeyObject:
+        """The `cryptography` public key object."""
+        key_type, data = self.key_type, self.notary_bytes
         try:
             if key_type is KeyType.ED25519:
                 key: object = ed25519.Ed25519PublicKey.from_public_bytes(data)
@@ -60,10 +81,10 @@ class PublicKey:
                 key = serialization.load_der_public_key(data)
         except ValueError as exc:
             raise InvalidArgument(f"malformed {key_type.value} public key: {exc}") from None
-        public = cls.from_crypto(key)
-        if public.key_type is not key_type:
-            raise InvalidArgument(f"public key is {public.key_type.value}, not {key_type.value}")
-        return public
+        actual = PublicKey.from_crypto(key).key_type
+        if actual is not key_type:
+            raise InvalidArgument(f"public key is {actual.value}, not {key_type.value}")
+        return typing.cast(PublicKeyObject, key)
 
     @property
     def pem(self) -> str:

@@ -42,7 +42,7 @@ class Catalog:
         key_id, key_type, public, backend, location, role, collection, labels, created, state = row
         try:
             record = KeyRecord(
-                public_key=PublicKey.from_notary_bytes(KeyType(key_type), bytes(public)),
+                public_key=PublicKey.from_notary_bytes(KeyType(key_type), public, trusted=True),
                 backend=backend,
                 location=json.loads(location),
                 role=role,
