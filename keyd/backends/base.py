@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from keyd.core.keys import PublicKey
 from keyd.core.keytypes import KeyType
 from keyd.core.model import KeyRecord
-from keyd.core.signing import SignInput
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ class Backend(abc.ABC):
     """Generates keys, signs with them, deletes them, reports health.
 
     Contract: sign() returns ECDSA signatures DER-encoded and other signatures in
-    their only form; it raises keyd.errors types (Unavailable for a missing
+    their only form, one per payload; it raises keyd.errors types (Unavailable for a missing
     device, FailedPrecondition for a locked one). Hardware backends set
     `always_verify`: the daemon then checks every signature before returning it.
     """
@@ -48,7 +47,13 @@ class Backend(abc.ABC):
     def generate(self, key_type: KeyType) -> GeneratedKey: ...
 
     @abc.abstractmethod
-    def sign(self, record: KeyRecord, data: SignInput) -> bytes: ...
+    def sign(self, record: KeyRecord, payloads: Sequence[bytes], *, prehashed: bool) -> list[bytes]:
+        """Sign each payload with one key, in order.
+
+        Payloads are messages, or (prehashed) digests of the key type's hash whose
+        length the caller has checked. One call per batch lets a backend pay its
+        per-call setup (a session, a PIN check, a lock) once.
+        """
 
     @abc.abstractmethod
     def delete(self, record: KeyRecord) -> None:

@@ -8,15 +8,16 @@ unattended signing costs one dictionary lookup plus the signature.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from keyd.backends.base import Backend, BackendHealth, GeneratedKey
 from keyd.core.keys import PublicKey
-from keyd.core.keytypes import RSA_BITS, RSA_PSS_SALT_LENGTH, KeyType
+from keyd.core.keytypes import RSA_BITS, KeyType
 from keyd.core.model import KeyRecord
-from keyd.core.signing import SignInput
+from keyd.core.signing import RSA_PSS, SignInput, ecdsa_algorithm, hash_arg
 from keyd.errors import Internal
 from keyd.store.catalog import Catalog
 
@@ -36,14 +37,22 @@ def _new_private_key(key_type: KeyType) -> PrivateKey:
 
 
 def sign_with(key: PrivateKey, key_type: KeyType, data: SignInput) -> bytes:
-    """Sign with a `cryptography` private key: DER for ECDSA, PSS-32 for RSA."""
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key.sign(data.message_for(key_type))
-    payload, algorithm = data.digest_and_hash(key_type)
+    """Sign one checked input with a `cryptography` private key (DER for ECDSA)."""
+    return _sign_many(key, key_type, [data.payload], data.prehashed)[0]
+
+
+def _sign_many(
+    key: PrivateKey, key_type: KeyType, payloads: Sequence[bytes], prehashed: bool
+) -> list[bytes]:
+    # One comprehension per batch: the per-signature Python cost is what limits
+    # batched throughput once the GIL is released inside sign().
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        return key.sign(payload, ec.ECDSA(algorithm))
-    pss = padding.PSS(mgf=padding.MGF1(key_type.hash_algorithm()), salt_length=RSA_PSS_SALT_LENGTH)
-    return key.sign(payload, pss, algorithm)
+        algorithm = ecdsa_algorithm(key_type, prehashed=prehashed)
+        return [key.sign(p, algorithm) for p in payloads]
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return [key.sign(p) for p in payloads]
+    hash_argument = hash_arg(key_type, prehashed=prehashed)
+    return [key.sign(p, RSA_PSS, hash_argument) for p in payloads]
 
 
 class StoreBackend(Backend):
@@ -84,8 +93,8 @@ class StoreBackend(Backend):
                 key = self._cache[record.key_id] = loaded
         return key
 
-    def sign(self, record: KeyRecord, data: SignInput) -> bytes:
-        return sign_with(self._private_key(record), record.key_type, data)
+    def sign(self, record: KeyRecord, payloads: Sequence[bytes], *, prehashed: bool) -> list[bytes]:
+        return _sign_many(self._private_key(record), record.key_type, payloads, prehashed)
 
     def delete(self, record: KeyRecord) -> None:
         # The private key went with the catalog row (ON DELETE CASCADE).

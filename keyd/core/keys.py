@@ -10,11 +10,11 @@ from functools import cached_property
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from keyd.core.canonical import CanonicalValue, encode_canonical
-from keyd.core.keytypes import RSA_BITS, RSA_PSS_SALT_LENGTH, KeyType, SignatureEncoding
-from keyd.core.signing import SignInput, raw_to_der
+from keyd.core.keytypes import RSA_BITS, KeyType, SignatureEncoding
+from keyd.core.signing import RSA_PSS, SignInput, ecdsa_algorithm, hash_arg, raw_to_der
 from keyd.errors import InvalidArgument
 
 PublicKeyObject = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
@@ -136,23 +136,23 @@ class PublicKey:
         return True
 
     def _verify(self, signature: bytes, data: SignInput, encoding: SignatureEncoding) -> None:
+        data.check_for(self.key_type)
         key = self.key
         if isinstance(key, ed25519.Ed25519PublicKey):
-            key.verify(signature, data.message_for(self.key_type))
-            return
-        algorithm = self.key_type.hash_algorithm()
-        digest, hash_arg = data.digest_and_hash(self.key_type)
-        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, data.payload)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
             if encoding is SignatureEncoding.RAW:
                 signature = raw_to_der(signature, self.key_type)
-            key.verify(signature, digest, ec.ECDSA(hash_arg))
-            return
-        key.verify(
-            signature,
-            digest,
-            padding.PSS(mgf=padding.MGF1(algorithm), salt_length=RSA_PSS_SALT_LENGTH),
-            hash_arg,
-        )
+            key.verify(
+                signature, data.payload, ecdsa_algorithm(self.key_type, prehashed=data.prehashed)
+            )
+        else:
+            key.verify(
+                signature,
+                data.payload,
+                RSA_PSS,
+                hash_arg(self.key_type, prehashed=data.prehashed),
+            )
 
 
 def _spki(key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey) -> bytes:

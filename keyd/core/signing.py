@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import utils
+from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
 
-from keyd.core.keytypes import KeyType
+from keyd.core.keytypes import RSA_PSS_SALT_LENGTH, KeyType
 from keyd.errors import InvalidArgument
 
 _FIELD_BYTES = {KeyType.ECDSA_P256: 32, KeyType.ECDSA_P384: 48}
@@ -46,32 +46,45 @@ class SignInput:
                 f"a {expected}-byte {name} digest"
             )
 
-    def message_for(self, key_type: KeyType) -> bytes:
-        """The message itself (for Ed25519)."""
-        self.check_for(key_type)
-        if self.message is None:  # pragma: no cover - check_for rejects digests here
-            raise InvalidArgument("a digest cannot be signed by this key type")
-        return self.message
+    @property
+    def payload(self) -> bytes:
+        """The bytes handed to the signature primitive: the message or the digest."""
+        return self.message if self.message is not None else self.digest  # type: ignore[return-value]
 
-    def digest_and_hash(
-        self, key_type: KeyType
-    ) -> tuple[bytes, hashes.HashAlgorithm | utils.Prehashed]:
-        """(data, algorithm) for cryptography's sign/verify of ECDSA and RSA keys."""
-        self.check_for(key_type)
-        algorithm = key_type.hash_algorithm()
-        if self.digest is not None:
-            return self.digest, utils.Prehashed(algorithm)
-        assert self.message is not None  # noqa: S101 - guaranteed by __post_init__
-        return self.message, algorithm
+    @property
+    def prehashed(self) -> bool:
+        return self.digest is not None
 
     def digest_for(self, key_type: KeyType) -> bytes:
         """The digest to sign for ECDSA/RSA, hashing the message if needed."""
-        data, algorithm = self.digest_and_hash(key_type)
-        if isinstance(algorithm, utils.Prehashed):
-            return data
-        h = hashes.Hash(algorithm)
-        h.update(data)
+        self.check_for(key_type)
+        if self.digest is not None:
+            return self.digest
+        h = hashes.Hash(key_type.hash_algorithm())
+        h.update(self.payload)
         return h.finalize()
+
+
+# cryptography's algorithm arguments, built once: constructing them per signature
+# costs as much as the rest of the request handling.
+_HASH_ARGS: dict[tuple[KeyType, bool], hashes.HashAlgorithm | utils.Prehashed] = {
+    (t, pre): utils.Prehashed(t.hash_algorithm()) if pre else t.hash_algorithm()
+    for t in KeyType
+    if t is not KeyType.ED25519
+    for pre in (False, True)
+}
+_ECDSA = {key: ec.ECDSA(arg) for key, arg in _HASH_ARGS.items() if key[0].is_ecdsa}
+RSA_PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=RSA_PSS_SALT_LENGTH)
+
+
+def hash_arg(key_type: KeyType, *, prehashed: bool) -> hashes.HashAlgorithm | utils.Prehashed:
+    """The hash argument for RSA sign/verify of a message, or of a digest (prehashed)."""
+    return _HASH_ARGS[key_type, prehashed]
+
+
+def ecdsa_algorithm(key_type: KeyType, *, prehashed: bool) -> ec.ECDSA:
+    """The ECDSA argument for sign/verify of a message, or of a digest (prehashed)."""
+    return _ECDSA[key_type, prehashed]
 
 
 def der_to_raw(signature: bytes, key_type: KeyType) -> bytes:

@@ -17,7 +17,7 @@ import grpc
 
 from keyd import __version__, wire
 from keyd.core.model import KeySelector
-from keyd.daemon.manager import KeyManager, Signature
+from keyd.daemon.manager import KeyManager, Signature, SignItem, SignOutcome
 from keyd.errors import InvalidArgument, KeydError
 from keyd.v1 import keyd_pb2 as pb
 from keyd.v1 import keyd_pb2_grpc as pb_grpc
@@ -55,13 +55,12 @@ def _rpc(
     return handler
 
 
-def _signature_pb(sig: Signature) -> pb.SignResponse:
-    return pb.SignResponse(
-        key_id=sig.key_id,
-        signature=sig.signature,
-        key_type=wire.key_type_to_pb(sig.key_type),
-        encoding=wire.encoding_to_pb(sig.encoding),
-    )
+def _fill_signature(message: pb.SignResponse, sig: Signature) -> None:
+    # Filled in place: building a message and copying it into a batch costs twice.
+    message.key_id = sig.key_id
+    message.signature = sig.signature
+    message.key_type = wire.key_type_to_pb(sig.key_type)
+    message.encoding = wire.encoding_to_pb(sig.encoding)
 
 
 class KeyServicer(pb_grpc.KeyServiceServicer):
@@ -109,17 +108,16 @@ class SignServicer(pb_grpc.SignServiceServicer):
         self._manager = manager
         self._max_batch = max_batch_items
 
-    def _sign(self, request: pb.SignRequest) -> pb.SignResponse:
+    @_rpc
+    def Sign(self, request: pb.SignRequest, context: grpc.ServicerContext) -> pb.SignResponse:
         sig = self._manager.sign(
             request.key_id,
             wire.sign_input_from_pb(request),
             wire.encoding_from_pb(request.encoding),
         )
-        return _signature_pb(sig)
-
-    @_rpc
-    def Sign(self, request: pb.SignRequest, context: grpc.ServicerContext) -> pb.SignResponse:
-        return self._sign(request)
+        response = pb.SignResponse()
+        _fill_signature(response, sig)
+        return response
 
     def SignBatch(
         self,
@@ -128,25 +126,45 @@ class SignServicer(pb_grpc.SignServiceServicer):
     ) -> Iterator[pb.SignBatchResponse]:
         try:
             for batch in request_iterator:
-                if len(batch.requests) > self._max_batch:
-                    raise InvalidArgument(
-                        f"batch of {len(batch.requests)} requests; the limit is "
-                        f"{self._max_batch} ([server] max_batch_items)"
-                    )
-                yield pb.SignBatchResponse(results=[self._item(r) for r in batch.requests])
+                yield self._batch(batch)
         except KeydError as exc:
             _abort(context, exc)
         except Exception:  # noqa: BLE001 - last resort: log it, tell the caller INTERNAL
             _internal(context, "SignBatch")
 
-    def _item(self, request: pb.SignRequest) -> pb.SignResult:
-        try:
-            return pb.SignResult(signature=self._sign(request))
-        except KeydError as exc:
-            code = wire.code_number(wire.status_code(exc))
-            return pb.SignResult(
-                error=pb.Error(code=code, message=exc.message, kind=type(exc).__name__)
+    def _batch(self, batch: pb.SignBatchRequest) -> pb.SignBatchResponse:
+        requests = batch.requests
+        if len(requests) > self._max_batch:
+            raise InvalidArgument(
+                f"batch of {len(requests)} requests; the limit is "
+                f"{self._max_batch} ([server] max_batch_items)"
             )
+        outcomes: list[SignOutcome | None] = [None] * len(requests)
+        items: list[SignItem] = []
+        positions: list[int] = []
+        for i, request in enumerate(requests):
+            try:
+                data = wire.sign_input_from_pb(request)
+                encoding = wire.encoding_from_pb(request.encoding)
+            except KeydError as exc:
+                outcomes[i] = exc
+                continue
+            items.append(SignItem(request.key_id, data, encoding))
+            positions.append(i)
+        for i, signed in zip(positions, self._manager.sign_batch(items), strict=True):
+            outcomes[i] = signed
+        response = pb.SignBatchResponse()
+        for outcome in outcomes:
+            result = response.results.add()
+            if isinstance(outcome, Signature):
+                _fill_signature(result.signature, outcome)
+            else:
+                assert outcome is not None  # noqa: S101 - every slot is filled above
+                error = result.error
+                error.code = wire.code_number(wire.status_code(outcome))
+                error.message = outcome.message
+                error.kind = type(outcome).__name__
+        return response
 
 
 class StatusServicer(pb_grpc.StatusServiceServicer):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 from keyd.backends.base import Backend, BackendHealth
 from keyd.core.keytypes import KeyType, SignatureEncoding
@@ -36,13 +36,24 @@ from keyd.store.catalog import Catalog
 
 log = logging.getLogger("keyd.manager")
 
+_NO_PLANS: dict[SignatureEncoding, _SigningPlan] = {}
 
-@dataclass(frozen=True)
-class Signature:
+
+class Signature(NamedTuple):
+    # A NamedTuple, not a dataclass: one is built per signature on the batch path.
     key_id: str
     signature: bytes
     key_type: KeyType
     encoding: SignatureEncoding
+
+
+class SignItem(NamedTuple):
+    key_id: str
+    data: SignInput
+    encoding: SignatureEncoding
+
+
+SignOutcome = Signature | KeydError
 
 
 class _InFlight:
@@ -64,12 +75,69 @@ class _InFlight:
         self._slots.release()
 
 
-class _NoLimit:
-    def __enter__(self) -> None:
-        return None
+class _SigningPlan:
+    """Signs with one key in one encoding. Built once per key and encoding, so the
+    per-request work is a length check, the signature, and (when configured) its
+    verification and conversion to r||s."""
 
-    def __exit__(self, *exc: object) -> None:
-        return None
+    __slots__ = ("_backend", "_digest_size", "_limit", "_raw", "_verify", "encoding", "record")
+
+    def __init__(
+        self,
+        record: KeyRecord,
+        backend: Backend,
+        encoding: SignatureEncoding,
+        *,
+        verify: bool,
+        limit: _InFlight | None,
+    ) -> None:
+        self.record = record
+        self.encoding = encoding
+        self._backend = backend
+        self._verify = verify
+        self._limit = limit
+        self._raw = encoding is SignatureEncoding.RAW
+        self._digest_size = record.key_type.digest_size
+
+    def sign(self, inputs: Sequence[SignInput], *, prehashed: bool) -> list[SignOutcome]:
+        """Sign inputs that are all messages, or all digests (prehashed)."""
+        record = self.record
+        key_type = record.key_type
+        outcomes: list[SignOutcome | None] = [None] * len(inputs)
+        todo: list[int] = []
+        for i, data in enumerate(inputs):
+            if prehashed and (self._digest_size is None or len(data.payload) != self._digest_size):
+                try:
+                    data.check_for(key_type)  # raises the explanatory error
+                except KeydError as exc:
+                    outcomes[i] = exc
+                    continue
+            todo.append(i)
+        if todo:
+            payloads = [inputs[i].payload for i in todo]
+            if self._limit is None:
+                signatures = self._backend.sign(record, payloads, prehashed=prehashed)
+            else:
+                with self._limit:
+                    signatures = self._backend.sign(record, payloads, prehashed=prehashed)
+            for i, signature in zip(todo, signatures, strict=True):
+                outcomes[i] = self._finish(inputs[i], signature)
+        return outcomes  # type: ignore[return-value]  # every slot is filled above
+
+    def _finish(self, data: SignInput, signature: bytes) -> SignOutcome:
+        record = self.record
+        key_type = record.key_type
+        if self._verify and not record.public_key.verify(
+            signature, data, SignatureEncoding.DER if key_type.is_ecdsa else self.encoding
+        ):
+            log.error("signature failed verification", extra={"key_id": record.key_id})
+            return Internal(
+                f"backend {self._backend.name!r} returned a signature that does not verify "
+                f"with key {record.key_id}; nothing was returned. Check the device"
+            )
+        if self._raw:
+            signature = der_to_raw(signature, key_type)
+        return Signature(record.key_id, signature, key_type, self.encoding)
 
 
 class KeyManager:
@@ -85,10 +153,13 @@ class KeyManager:
         self._backends = dict(backends)
         self._verify_store = verify_store_signatures
         self._max_payload = max_payload_bytes
-        self._limits: dict[str, _InFlight | _NoLimit] = {
-            name: _InFlight(name, b.max_in_flight) if b.max_in_flight else _NoLimit()
+        self._limits: dict[str, _InFlight | None] = {
+            name: _InFlight(name, b.max_in_flight) if b.max_in_flight else None
             for name, b in self._backends.items()
         }
+        # Signing plans per key ID and requested encoding (see _plan).
+        self._plans: dict[str, dict[SignatureEncoding, _SigningPlan]] = {}
+        self._plans_lock = threading.Lock()
 
     # -- key management -------------------------------------------------------
 
@@ -142,6 +213,8 @@ class KeyManager:
 
     def delete(self, key_id: str) -> None:
         record = self._catalog.remove(check_key_id(key_id))
+        with self._plans_lock:
+            self._plans.pop(key_id, None)
         # Catalog first: a failure after this leaves an orphan on a device, never a
         # catalog row that points at nothing.
         self._backends[record.backend].delete(record)
@@ -150,33 +223,59 @@ class KeyManager:
     # -- signing ----------------------------------------------------------------
 
     def sign(self, key_id: str, data: SignInput, encoding: SignatureEncoding) -> Signature:
-        if data.size > self._max_payload:
-            raise PayloadTooLarge(
-                f"payload is {data.size} bytes; the limit is {self._max_payload} "
-                "([server] max_payload_bytes). Send a digest instead of the message"
-            )
+        (outcome,) = self.sign_batch([SignItem(key_id, data, encoding)])
+        if isinstance(outcome, KeydError):
+            raise outcome
+        return outcome
+
+    def sign_batch(self, items: Sequence[SignItem]) -> list[SignOutcome]:
+        """Sign many items; one outcome (a Signature or the error) per item, in order.
+        Items for the same key, encoding and input kind are signed in one backend call."""
+        outcomes: list[SignOutcome | None] = [None] * len(items)
+        groups: dict[tuple[str, SignatureEncoding, bool], list[int]] = {}
+        for i, item in enumerate(items):
+            size = len(item.data.payload)
+            if size > self._max_payload:
+                outcomes[i] = PayloadTooLarge(
+                    f"payload is {size} bytes; the limit is {self._max_payload} "
+                    "([server] max_payload_bytes). Send a digest instead of the message"
+                )
+                continue
+            groups.setdefault((item.key_id, item.encoding, item.data.prehashed), []).append(i)
+        for (key_id, encoding, prehashed), indices in groups.items():
+            try:
+                plan = self._plans.get(key_id, _NO_PLANS).get(encoding)
+                if plan is None:
+                    plan = self._plan(key_id, encoding)
+                results = plan.sign([items[i].data for i in indices], prehashed=prehashed)
+            except KeydError as exc:
+                results = [exc] * len(indices)
+            for i, outcome in zip(indices, results, strict=True):
+                outcomes[i] = outcome
+        return outcomes  # type: ignore[return-value]  # every slot is filled above
+
+    def _plan(self, key_id: str, encoding: SignatureEncoding) -> _SigningPlan:
+        """Everything about signing with this key that does not change per request,
+        checked once and kept until the key is deleted."""
         record = self._catalog.get(check_key_id(key_id))
         if record.state is not KeyState.ACTIVE:
             raise FailedPrecondition(f"key {key_id} is {record.state.value}; it cannot sign")
-        key_type = record.key_type
-        resolved = encoding.resolve(key_type)
-        data.check_for(key_type)
+        resolved = encoding.resolve(record.key_type)
         backend = self._backends.get(record.backend)
         if backend is None:
             raise Unavailable(f"key {key_id} lives on backend {record.backend!r}, not configured")
-        with self._limits[backend.name]:
-            signature = backend.sign(record, data)
-        if (backend.always_verify or self._verify_store) and not record.public_key.verify(
-            signature, data, SignatureEncoding.DER if key_type.is_ecdsa else resolved
-        ):
-            log.error("signature failed verification", extra={"key_id": key_id})
-            raise Internal(
-                f"backend {backend.name!r} returned a signature that does not verify "
-                f"with key {key_id}; nothing was returned. Check the device"
-            )
-        if resolved is SignatureEncoding.RAW:
-            signature = der_to_raw(signature, key_type)
-        return Signature(key_id, signature, key_type, resolved)
+        limit = self._limits[backend.name]
+        plan = _SigningPlan(
+            record,
+            backend,
+            resolved,
+            verify=backend.always_verify or self._verify_store,
+            limit=limit if isinstance(limit, _InFlight) else None,
+        )
+        with self._plans_lock:
+            if key_id in self._catalog:  # not deleted meanwhile
+                self._plans.setdefault(key_id, {})[encoding] = plan
+        return plan
 
     # -- status -----------------------------------------------------------------
 

@@ -60,6 +60,9 @@ class Catalog:
     def __len__(self) -> int:
         return len(self._records)
 
+    def __contains__(self, key_id: object) -> bool:
+        return key_id in self._records
+
     def get(self, key_id: str) -> KeyRecord:
         record = self._records.get(key_id)
         if record is None:

@@ -82,7 +82,7 @@ def test_create_then_reopen_keeps_keys(store_dir: Path, secret: StoreSecret) -> 
     again = catalog.get(record.key_id)
     assert again.role == "timestamp"
     assert again.public_key.pem == record.public_key.pem
-    signature = StoreBackend(catalog).sign(again, SignInput(message=b"m"))
+    (signature,) = StoreBackend(catalog).sign(again, [b"m"], prehashed=False)
     assert again.public_key.verify(signature, SignInput(message=b"m"), SignatureEncoding.DER)
     db.close()
 
