@@ -5,7 +5,8 @@
     with Client() as keyd:                 # $KEYD_SOCKET or /run/keyd/keyd.sock
         key = keyd.create_key(KeyType.ECDSA_P256, role="timestamp")
         sig = keyd.sign(key.key_id, b"payload")
-        assert key.public_key.verify(sig.signature, SignInput(message=b"payload"), sig.encoding)
+        assert key.public_key.verify(sig.signature, SignInput.of_message(b"payload"),
+                                     sig.encoding)
 
 Errors arrive as the keyd.errors types the daemon raised (NotFound,
 InvalidArgument, ...); an unreachable daemon is Unavailable.
@@ -27,8 +28,7 @@ from keyd import wire
 from keyd.config import DEFAULT_SOCKET
 from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.core.model import KeyRecord
-from keyd.core.signing import SignInput
-from keyd.errors import KeydError, Unavailable
+from keyd.errors import InvalidArgument, KeydError, Unavailable
 from keyd.v1 import keyd_pb2 as pb
 from keyd.v1 import keyd_pb2_grpc as pb_grpc
 
@@ -79,7 +79,8 @@ class DaemonStatus:
 
 
 def _request(item: SignItem) -> pb.SignRequest:
-    SignInput(item.message, item.digest)  # raises InvalidArgument for both, neither or empty
+    if (item.message is None) == (item.digest is None):
+        raise InvalidArgument("sign either a message or a digest, not both or neither")
     request = pb.SignRequest(key_id=item.key_id, encoding=wire.encoding_to_pb(item.encoding))
     if item.message is not None:
         request.message = item.message

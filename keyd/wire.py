@@ -154,7 +154,7 @@ def key_from_pb(message: pb.Key) -> KeyRecord:
 def sign_input_from_pb(request: pb.SignRequest) -> SignInput:
     which = request.WhichOneof("input")
     if which == "message":
-        return SignInput(message=request.message)
+        return SignInput(request.message, False)
     if which == "digest":
-        return SignInput(digest=request.digest)
+        return SignInput(request.digest, True)
     raise InvalidArgument("nothing to sign: set message or digest")

@@ -28,6 +28,10 @@ class KeyType(Enum):
     ECDSA_P384 = "ecdsa-p384"
     RSA_3072 = "rsa-3072"
 
+    # Members are singletons compared by identity; object.__hash__ keeps dict
+    # lookups on the signing path off Enum's Python-level __hash__.
+    __hash__ = object.__hash__
+
     @property
     def _info(self) -> _KeyTypeInfo:
         return _INFO[self]
@@ -94,6 +98,8 @@ class SignatureEncoding(Enum):
     NATIVE = "native"  # DER for ECDSA, the only form for the others
     DER = "der"
     RAW = "raw"  # r||s, each left-padded to the curve's field size: what Notary wants
+
+    __hash__ = object.__hash__  # as KeyType
 
     def resolve(self, key_type: KeyType) -> SignatureEncoding:
         """The concrete encoding for key_type; raises if it does not apply."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
@@ -13,53 +13,51 @@ from keyd.errors import InvalidArgument
 _FIELD_BYTES = {KeyType.ECDSA_P256: 32, KeyType.ECDSA_P384: 48}
 
 
-@dataclass(frozen=True)
-class SignInput:
-    """Exactly one of message or digest. Never logged: repr hides the bytes."""
+class SignInput(NamedTuple):
+    """What to sign: a message, or (prehashed) a digest of it.
 
-    message: bytes | None = field(default=None, repr=False)
-    digest: bytes | None = field(default=None, repr=False)
+    A NamedTuple because one is built per signature on the batch path. Its repr
+    shows the size only, so a payload never reaches a log line by accident.
+    """
 
-    def __post_init__(self) -> None:
-        if (self.message is None) == (self.digest is None):
-            raise InvalidArgument("send either a message or a digest to sign, not both or neither")
-        if self.message is not None and not self.message:
-            raise InvalidArgument("nothing to sign: the message is empty")
+    payload: bytes
+    prehashed: bool = False
 
-    @property
-    def size(self) -> int:
-        return len(self.message if self.message is not None else self.digest or b"")
+    @classmethod
+    def of_message(cls, message: bytes) -> SignInput:
+        return cls(message, False)
+
+    @classmethod
+    def of_digest(cls, digest: bytes) -> SignInput:
+        return cls(digest, True)
+
+    def __repr__(self) -> str:
+        kind = "digest" if self.prehashed else "message"
+        return f"SignInput({kind} of {len(self.payload)} bytes)"
 
     def check_for(self, key_type: KeyType) -> None:
         """Raise InvalidArgument when this input cannot be signed by key_type."""
-        if self.digest is None:
+        if not self.prehashed:
+            if not self.payload:
+                raise InvalidArgument("nothing to sign: the message is empty")
             return
         expected = key_type.digest_size
         if expected is None:
             raise InvalidArgument(
                 f"{key_type.value} keys sign the whole message; send the message, not a digest"
             )
-        if len(self.digest) != expected:
+        if len(self.payload) != expected:
             name = key_type.hash_algorithm().name
             raise InvalidArgument(
-                f"digest is {len(self.digest)} bytes; a {key_type.value} key needs "
+                f"digest is {len(self.payload)} bytes; a {key_type.value} key needs "
                 f"a {expected}-byte {name} digest"
             )
-
-    @property
-    def payload(self) -> bytes:
-        """The bytes handed to the signature primitive: the message or the digest."""
-        return self.message if self.message is not None else self.digest  # type: ignore[return-value]
-
-    @property
-    def prehashed(self) -> bool:
-        return self.digest is not None
 
     def digest_for(self, key_type: KeyType) -> bytes:
         """The digest to sign for ECDSA/RSA, hashing the message if needed."""
         self.check_for(key_type)
-        if self.digest is not None:
-            return self.digest
+        if self.prehashed:
+            return self.payload
         h = hashes.Hash(key_type.hash_algorithm())
         h.update(self.payload)
         return h.finalize()

@@ -106,7 +106,8 @@ class _SigningPlan:
         outcomes: list[SignOutcome | None] = [None] * len(inputs)
         todo: list[int] = []
         for i, data in enumerate(inputs):
-            if prehashed and (self._digest_size is None or len(data.payload) != self._digest_size):
+            payload = data.payload
+            if (len(payload) != self._digest_size) if prehashed else not payload:
                 try:
                     data.check_for(key_type)  # raises the explanatory error
                 except KeydError as exc:

@@ -119,7 +119,7 @@ def test_keys_survive_restart(daemon: Daemon) -> None:
             assert again.public_key.pem == record.public_key.pem
             sig = c.sign(record.key_id, b"after restart")
             assert record.public_key.verify(
-                sig.signature, SignInput(message=b"after restart"), sig.encoding
+                sig.signature, SignInput.of_message(b"after restart"), sig.encoding
             )
 
 
@@ -158,7 +158,7 @@ def test_sigkill_during_key_creation_leaves_whole_keys(daemon: Daemon) -> None:
         # ... and every listed key is whole: it signs and verifies.
         for record in listed:
             sig = c.sign(record.key_id, b"m")
-            assert record.public_key.verify(sig.signature, SignInput(message=b"m"), sig.encoding)
+            assert record.public_key.verify(sig.signature, SignInput.of_message(b"m"), sig.encoding)
 
 
 def test_second_daemon_on_a_live_socket_refuses(daemon: Daemon, short_tmp: Path) -> None:

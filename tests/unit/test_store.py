@@ -83,7 +83,7 @@ def test_create_then_reopen_keeps_keys(store_dir: Path, secret: StoreSecret) -> 
     assert again.role == "timestamp"
     assert again.public_key.pem == record.public_key.pem
     (signature,) = StoreBackend(catalog).sign(again, [b"m"], prehashed=False)
-    assert again.public_key.verify(signature, SignInput(message=b"m"), SignatureEncoding.DER)
+    assert again.public_key.verify(signature, SignInput.of_message(b"m"), SignatureEncoding.DER)
     db.close()
 
 
