@@ -24,9 +24,10 @@ def _echo(request: bytes, context: grpc.ServicerContext) -> bytes:
 
 def main() -> None:
     path = sys.argv[1]
-    workers = ServerConfig().workers
+    workers = int(sys.argv[2]) if len(sys.argv) > 2 else ServerConfig().worker_threads
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers), maximum_concurrent_rpcs=workers
+        futures.ThreadPoolExecutor(max_workers=workers),
+        maximum_concurrent_rpcs=ServerConfig().max_concurrent_rpcs,
     )
     handler = grpc.unary_unary_rpc_method_handler(_echo)
     server.add_generic_rpc_handlers(

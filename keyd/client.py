@@ -14,6 +14,7 @@ InvalidArgument, ...); an unreachable daemon is Unavailable.
 
 from __future__ import annotations
 
+import collections
 import os
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -201,34 +202,46 @@ class Client:
         return _signature(self._call(self._signer.Sign, request))
 
     def sign_batch(
-        self, items: Iterable[SignItem], *, batch_size: int = 64
+        self, items: Iterable[SignItem], *, batch_size: int = 256, in_flight: int = 2
     ) -> Iterator[Signature | KeydError]:
-        """Sign many items over one stream; yields, in order, a Signature or the
-        error for each item (one bad item does not stop the others)."""
+        """Sign many items; yields, in order, a Signature or the error for each item
+        (one bad item does not stop the others). Items go in SignBatch calls of up to
+        `batch_size` items (and 512 KiB), `in_flight` calls at a time, so the daemon
+        can sign on several cores while the next batch travels."""
+        pending: collections.deque[grpc.Future[pb.SignBatchResponse]] = collections.deque()
+        for batch in self._batches(items, batch_size):
+            pending.append(self._signer.SignBatch.future(batch, timeout=self.timeout))
+            if len(pending) >= in_flight:
+                yield from self._batch_results(pending.popleft())
+        while pending:
+            yield from self._batch_results(pending.popleft())
 
-        def batches() -> Iterator[pb.SignBatchRequest]:
-            batch: list[pb.SignRequest] = []
-            size = 0
-            for item in items:
-                request = _request(item)
-                batch.append(request)
-                size += len(item.message or item.digest or b"")
-                if len(batch) >= batch_size or size >= _BATCH_BYTES:
-                    yield pb.SignBatchRequest(requests=batch)
-                    batch, size = [], 0
-            if batch:
+    @staticmethod
+    def _batches(items: Iterable[SignItem], batch_size: int) -> Iterator[pb.SignBatchRequest]:
+        batch: list[pb.SignRequest] = []
+        size = 0
+        for item in items:
+            batch.append(_request(item))
+            size += len(item.message or item.digest or b"")
+            if len(batch) >= batch_size or size >= _BATCH_BYTES:
                 yield pb.SignBatchRequest(requests=batch)
+                batch, size = [], 0
+        if batch:
+            yield pb.SignBatchRequest(requests=batch)
 
+    def _batch_results(
+        self, future: grpc.Future[pb.SignBatchResponse]
+    ) -> Iterator[Signature | KeydError]:
         try:
-            for response in self._signer.SignBatch(batches()):
-                for result in response.results:
-                    if result.WhichOneof("result") == "signature":
-                        yield _signature(result.signature)
-                    else:
-                        code = wire.code_from_number(result.error.code)
-                        yield wire.error_for(code, result.error.message, result.error.kind)
+            response: pb.SignBatchResponse = future.result()
         except grpc.RpcError as error:
             raise self._translate(error) from None
+        for result in response.results:
+            if result.WhichOneof("result") == "signature":
+                yield _signature(result.signature)
+            else:
+                code = wire.code_from_number(result.error.code)
+                yield wire.error_for(code, result.error.message, result.error.kind)
 
     # -- status -----------------------------------------------------------------
 

@@ -8,6 +8,7 @@ configuration values: only paths to the files that hold them.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import types
 import typing
@@ -44,8 +45,12 @@ class ServerConfig:
     socket: Path = DEFAULT_SOCKET
     # Group given to the socket (mode 0660); empty: the daemon's own group.
     socket_group: str = ""
-    # Worker threads; also the most RPCs in flight (more are refused, not queued).
-    workers: int = 32
+    # Threads that run request handlers; 0: one per CPU core. More runnable threads
+    # than cores only pass the GIL around (docs/performance.md): RPCs beyond them
+    # wait in a queue. Each hardware backend adds threads for its in-flight limit.
+    workers: int = 0
+    # RPCs accepted at once (running or queued); more are refused with RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = 256
     # Largest message or digest accepted for signing.
     max_payload_bytes: int = 4 * 1024 * 1024
     # Most requests in one SignBatch message.
@@ -53,12 +58,17 @@ class ServerConfig:
     # How long SIGTERM waits for in-flight requests.
     shutdown_grace_seconds: float = 10.0
 
+    @property
+    def worker_threads(self) -> int:
+        return self.workers or max(2, os.cpu_count() or 2)
+
     def validate(self) -> None:
         if not self.socket.is_absolute():
             _fail("server", "socket", "must be an absolute path")
         if len(bytes(self.socket)) > _SUN_PATH_MAX:
             _fail("server", "socket", f"is longer than {_SUN_PATH_MAX} bytes (a Unix socket limit)")
-        _check_range("server", "workers", self.workers, 4, 1024)
+        _check_range("server", "workers", self.workers, 0, 1024)
+        _check_range("server", "max_concurrent_rpcs", self.max_concurrent_rpcs, 1, 65536)
         _check_range("server", "max_payload_bytes", self.max_payload_bytes, 1, 64 * 1024 * 1024)
         _check_range("server", "max_batch_items", self.max_batch_items, 1, 65536)
         _check_range("server", "shutdown_grace_seconds", self.shutdown_grace_seconds, 0, 3600)

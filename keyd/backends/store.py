@@ -8,6 +8,7 @@ unattended signing costs one dictionary lookup plus the signature.
 from __future__ import annotations
 
 import threading
+import typing
 from collections.abc import Sequence
 
 from cryptography.hazmat.primitives import serialization
@@ -45,14 +46,18 @@ def _sign_many(
     key: PrivateKey, key_type: KeyType, payloads: Sequence[bytes], prehashed: bool
 ) -> list[bytes]:
     # One comprehension per batch: the per-signature Python cost is what limits
-    # batched throughput once the GIL is released inside sign().
-    if isinstance(key, ec.EllipticCurvePrivateKey):
+    # batched throughput once the GIL is released inside sign(). Dispatch on the
+    # key type (a plain attribute), not isinstance on cryptography's ABCs.
+    if key_type.is_ecdsa:
+        ec_key = typing.cast(ec.EllipticCurvePrivateKey, key)
         algorithm = ecdsa_algorithm(key_type, prehashed=prehashed)
-        return [key.sign(p, algorithm) for p in payloads]
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return [key.sign(p) for p in payloads]
+        return [ec_key.sign(p, algorithm) for p in payloads]
+    if key_type is KeyType.ED25519:
+        ed_key = typing.cast(ed25519.Ed25519PrivateKey, key)
+        return [ed_key.sign(p) for p in payloads]
+    rsa_key = typing.cast(rsa.RSAPrivateKey, key)
     hash_argument = hash_arg(key_type, prehashed=prehashed)
-    return [key.sign(p, RSA_PSS, hash_argument) for p in payloads]
+    return [rsa_key.sign(p, RSA_PSS, hash_argument) for p in payloads]
 
 
 class StoreBackend(Backend):

@@ -54,7 +54,7 @@ class KeyType(Enum):
 
     @property
     def is_ecdsa(self) -> bool:
-        return self in (KeyType.ECDSA_P256, KeyType.ECDSA_P384)
+        return self._info.notary_keytype == "ecdsa"
 
     @property
     def digest_size(self) -> int | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -119,18 +119,11 @@ class SignServicer(pb_grpc.SignServiceServicer):
         _fill_signature(response, sig)
         return response
 
+    @_rpc
     def SignBatch(
-        self,
-        request_iterator: Iterator[pb.SignBatchRequest],
-        context: grpc.ServicerContext,
-    ) -> Iterator[pb.SignBatchResponse]:
-        try:
-            for batch in request_iterator:
-                yield self._batch(batch)
-        except KeydError as exc:
-            _abort(context, exc)
-        except Exception:  # noqa: BLE001 - last resort: log it, tell the caller INTERNAL
-            _internal(context, "SignBatch")
+        self, request: pb.SignBatchRequest, context: grpc.ServicerContext
+    ) -> pb.SignBatchResponse:
+        return self._batch(request)
 
     def _batch(self, batch: pb.SignBatchRequest) -> pb.SignBatchResponse:
         requests = batch.requests

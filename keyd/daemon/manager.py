@@ -62,12 +62,12 @@ class _InFlight:
     def __init__(self, backend: str, limit: int) -> None:
         self._backend = backend
         self._slots = threading.BoundedSemaphore(limit)
-        self._limit = limit
+        self.size = limit
 
     def __enter__(self) -> None:
         if not self._slots.acquire(blocking=False):
             raise ResourceExhausted(
-                f"backend {self._backend!r} already has {self._limit} requests in flight; "
+                f"backend {self._backend!r} already has {self.size} requests in flight; "
                 "retry shortly"
             )
 
@@ -124,6 +124,22 @@ class _SigningPlan:
             for i, signature in zip(todo, signatures, strict=True):
                 outcomes[i] = self._finish(inputs[i], signature)
         return outcomes  # type: ignore[return-value]  # every slot is filled above
+
+    def sign_one(self, data: SignInput) -> Signature:
+        """The unary path: the same steps as sign(), without the batch bookkeeping."""
+        payload = data.payload
+        prehashed = data.prehashed
+        if (len(payload) != self._digest_size) if prehashed else not payload:
+            data.check_for(self.record.key_type)
+        if self._limit is None:
+            (signature,) = self._backend.sign(self.record, (payload,), prehashed=prehashed)
+        else:
+            with self._limit:
+                (signature,) = self._backend.sign(self.record, (payload,), prehashed=prehashed)
+        outcome = self._finish(data, signature)
+        if isinstance(outcome, KeydError):
+            raise outcome
+        return outcome
 
     def _finish(self, data: SignInput, signature: bytes) -> SignOutcome:
         record = self.record
@@ -224,10 +240,20 @@ class KeyManager:
     # -- signing ----------------------------------------------------------------
 
     def sign(self, key_id: str, data: SignInput, encoding: SignatureEncoding) -> Signature:
-        (outcome,) = self.sign_batch([SignItem(key_id, data, encoding)])
-        if isinstance(outcome, KeydError):
-            raise outcome
-        return outcome
+        self._check_size(data)
+        return self._get_plan(key_id, encoding).sign_one(data)
+
+    def _check_size(self, data: SignInput) -> None:
+        size = len(data.payload)
+        if size > self._max_payload:
+            raise PayloadTooLarge(
+                f"payload is {size} bytes; the limit is {self._max_payload} "
+                "([server] max_payload_bytes). Send a digest instead of the message"
+            )
+
+    def _get_plan(self, key_id: str, encoding: SignatureEncoding) -> _SigningPlan:
+        plan = self._plans.get(key_id, _NO_PLANS).get(encoding)
+        return plan if plan is not None else self._plan(key_id, encoding)
 
     def sign_batch(self, items: Sequence[SignItem]) -> list[SignOutcome]:
         """Sign many items; one outcome (a Signature or the error) per item, in order.
@@ -235,19 +261,15 @@ class KeyManager:
         outcomes: list[SignOutcome | None] = [None] * len(items)
         groups: dict[tuple[str, SignatureEncoding, bool], list[int]] = {}
         for i, item in enumerate(items):
-            size = len(item.data.payload)
-            if size > self._max_payload:
-                outcomes[i] = PayloadTooLarge(
-                    f"payload is {size} bytes; the limit is {self._max_payload} "
-                    "([server] max_payload_bytes). Send a digest instead of the message"
-                )
+            try:
+                self._check_size(item.data)
+            except PayloadTooLarge as exc:
+                outcomes[i] = exc
                 continue
             groups.setdefault((item.key_id, item.encoding, item.data.prehashed), []).append(i)
         for (key_id, encoding, prehashed), indices in groups.items():
             try:
-                plan = self._plans.get(key_id, _NO_PLANS).get(encoding)
-                if plan is None:
-                    plan = self._plan(key_id, encoding)
+                plan = self._get_plan(key_id, encoding)
                 results = plan.sign([items[i].data for i in indices], prehashed=prehashed)
             except KeydError as exc:
                 results = [exc] * len(indices)
@@ -279,6 +301,11 @@ class KeyManager:
         return plan
 
     # -- status -----------------------------------------------------------------
+
+    def blocking_threads(self) -> int:
+        """Threads that backends may hold while they wait on a device: the server
+        adds these to its CPU workers so a slow device never takes the store's."""
+        return sum(limit.size for limit in self._limits.values() if limit is not None)
 
     def key_count(self) -> int:
         return len(self._catalog)

@@ -1,10 +1,12 @@
 """Process lifecycle: open the store, bind the socket, serve, drain on SIGTERM.
 
-Server model: grpcio's threaded server. On this machine kind it outruns
-grpc.aio for unary calls (docs/performance.md), and cryptography releases the
-GIL while signing, so a pool of threads uses both cores. Each hardware backend
-may hold at most `max_in_flight` workers (KeyManager), so a slow device cannot
-take the pool from store keys.
+Server model: grpcio's threaded server, which outruns grpc.aio for unary calls
+on this machine kind (docs/performance.md). Its pool has one thread per core
+(cryptography releases the GIL while signing, so they use every core; more
+runnable threads only hand the GIL around) plus, for each hardware backend, its
+in-flight limit: a thread waiting on a device is blocked, not runnable, and a
+slow device can never hold the threads store keys need. SignBatch is unary, so
+no call holds a thread while it waits for a client.
 """
 
 from __future__ import annotations
@@ -118,9 +120,10 @@ def start_server(manager: KeyManager, config: Config) -> RunningServer:
     limit = server_config.max_payload_bytes + _MESSAGE_OVERHEAD
     server = grpc.server(
         futures.ThreadPoolExecutor(
-            max_workers=server_config.workers, thread_name_prefix="keyd-worker"
+            max_workers=server_config.worker_threads + manager.blocking_threads(),
+            thread_name_prefix="keyd-worker",
         ),
-        maximum_concurrent_rpcs=server_config.workers,
+        maximum_concurrent_rpcs=server_config.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),

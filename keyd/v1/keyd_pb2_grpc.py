@@ -240,7 +240,7 @@ class SignServiceStub:
                 request_serializer=keyd_dot_v1_dot_keyd__pb2.SignRequest.SerializeToString,
                 response_deserializer=keyd_dot_v1_dot_keyd__pb2.SignResponse.FromString,
                 _registered_method=True)
-        self.SignBatch = channel.stream_stream(
+        self.SignBatch = channel.unary_unary(
                 '/keyd.v1.SignService/SignBatch',
                 request_serializer=keyd_dot_v1_dot_keyd__pb2.SignBatchRequest.SerializeToString,
                 response_deserializer=keyd_dot_v1_dot_keyd__pb2.SignBatchResponse.FromString,
@@ -256,9 +256,10 @@ class SignServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def SignBatch(self, request_iterator, context):
-        """Each request message carries a batch; each response answers one request
-        message, in order. Item failures are reported per item; the stream goes on.
+    def SignBatch(self, request, context):
+        """Many requests in one call; one result per request, in order. Item failures
+        are reported per item. Unary on purpose: a call holds a server thread only
+        while it signs, so batches never starve other callers (docs/performance.md).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -272,7 +273,7 @@ def add_SignServiceServicer_to_server(servicer, server):
                     request_deserializer=keyd_dot_v1_dot_keyd__pb2.SignRequest.FromString,
                     response_serializer=keyd_dot_v1_dot_keyd__pb2.SignResponse.SerializeToString,
             ),
-            'SignBatch': grpc.stream_stream_rpc_method_handler(
+            'SignBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.SignBatch,
                     request_deserializer=keyd_dot_v1_dot_keyd__pb2.SignBatchRequest.FromString,
                     response_serializer=keyd_dot_v1_dot_keyd__pb2.SignBatchResponse.SerializeToString,
@@ -316,7 +317,7 @@ class SignService:
             _registered_method=True)
 
     @staticmethod
-    def SignBatch(request_iterator,
+    def SignBatch(request,
             target,
             options=(),
             channel_credentials=None,
@@ -326,8 +327,8 @@ class SignService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
+        return grpc.experimental.unary_unary(
+            request,
             target,
             '/keyd.v1.SignService/SignBatch',
             keyd_dot_v1_dot_keyd__pb2.SignBatchRequest.SerializeToString,

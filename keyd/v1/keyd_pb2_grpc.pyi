@@ -85,18 +85,20 @@ class SignServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> SignServiceAsyncStub: ...
     Sign: _grpc.UnaryUnaryMultiCallable[_keyd_pb2.SignRequest, _keyd_pb2.SignResponse]
-    SignBatch: _grpc.StreamStreamMultiCallable[_keyd_pb2.SignBatchRequest, _keyd_pb2.SignBatchResponse]
-    """Each request message carries a batch; each response answers one request
-    message, in order. Item failures are reported per item; the stream goes on.
+    SignBatch: _grpc.UnaryUnaryMultiCallable[_keyd_pb2.SignBatchRequest, _keyd_pb2.SignBatchResponse]
+    """Many requests in one call; one result per request, in order. Item failures
+    are reported per item. Unary on purpose: a call holds a server thread only
+    while it signs, so batches never starve other callers (docs/performance.md).
     """
 
 @_typing.type_check_only
 class SignServiceAsyncStub(SignServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Sign: _aio.UnaryUnaryMultiCallable[_keyd_pb2.SignRequest, _keyd_pb2.SignResponse]  # type: ignore[assignment]
-    SignBatch: _aio.StreamStreamMultiCallable[_keyd_pb2.SignBatchRequest, _keyd_pb2.SignBatchResponse]  # type: ignore[assignment]
-    """Each request message carries a batch; each response answers one request
-    message, in order. Item failures are reported per item; the stream goes on.
+    SignBatch: _aio.UnaryUnaryMultiCallable[_keyd_pb2.SignBatchRequest, _keyd_pb2.SignBatchResponse]  # type: ignore[assignment]
+    """Many requests in one call; one result per request, in order. Item failures
+    are reported per item. Unary on purpose: a call holds a server thread only
+    while it signs, so batches never starve other callers (docs/performance.md).
     """
 
 class SignServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -110,11 +112,12 @@ class SignServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def SignBatch(
         self,
-        request_iterator: _MaybeAsyncIterator[_keyd_pb2.SignBatchRequest],
+        request: _keyd_pb2.SignBatchRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_keyd_pb2.SignBatchResponse], _abc.AsyncIterator[_keyd_pb2.SignBatchResponse]]:
-        """Each request message carries a batch; each response answers one request
-        message, in order. Item failures are reported per item; the stream goes on.
+    ) -> _typing.Union[_keyd_pb2.SignBatchResponse, _abc.Awaitable[_keyd_pb2.SignBatchResponse]]:
+        """Many requests in one call; one result per request, in order. Item failures
+        are reported per item. Unary on purpose: a call holds a server thread only
+        while it signs, so batches never starve other callers (docs/performance.md).
         """
 
 def add_SignServiceServicer_to_server(servicer: SignServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -340,7 +340,7 @@ def test_oversized_messages_are_refused_and_daemon_keeps_serving(daemon_home: Pa
                     requests=[pb.SignRequest(key_id=key.key_id, message=b"m")] * 5
                 )
                 with pytest.raises(grpc.RpcError) as info:
-                    list(stub.SignBatch(iter([batch]), timeout=10))
+                    stub.SignBatch(batch, timeout=10)
                 assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
                 assert "the limit is 4" in str(info.value.details())
             sig = c.sign(key.key_id, b"x" * 1024, encoding=SignatureEncoding.RAW)

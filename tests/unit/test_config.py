@@ -40,7 +40,7 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     ("text", "expected"),
     [
         ("[server]\nworkers = 'many'\n", r"\[server\] workers: must be int, not str"),
-        ("[server]\nworkers = 1\n", r"\[server\] workers: 1 is out of range"),
+        ("[server]\nworkers = -1\n", r"\[server\] workers: -1 is out of range"),
         ("[server]\nsockett = '/x'\n", r"\[server\] sockett: unknown field"),
         ("[nope]\n", r"\[nope\]: unknown section"),
         ("server = 3\n", r"\[server\]: must be a table"),
