@@ -29,7 +29,7 @@ from keyd import wire
 from keyd.config import DEFAULT_SOCKET
 from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.core.model import KeyRecord
-from keyd.errors import InvalidArgument, KeydError, Unavailable
+from keyd.errors import InvalidArgument, KeydError, PermissionDenied, Unavailable
 from keyd.v1 import keyd_pb2 as pb
 from keyd.v1 import keyd_pb2_grpc as pb_grpc
 
@@ -135,6 +135,11 @@ class Client:
         code = call.code()
         details = call.details() or code.name
         kind = dict(call.trailing_metadata() or ()).get(wire.ERROR_KIND_KEY, "")
+        if code is grpc.StatusCode.UNAVAILABLE and not kind and "Permission denied" in details:
+            return PermissionDenied(
+                f"permission denied on {self.socket}: your user must be in the socket's "
+                "group (keyd by default)"
+            )
         if code is grpc.StatusCode.UNAVAILABLE and not kind:
             return Unavailable(
                 f"cannot reach keyd at {self.socket}: is the daemon running? "

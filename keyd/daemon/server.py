@@ -156,7 +156,9 @@ def start_server(manager: KeyManager, config: Config) -> RunningServer:
             server.stop(0)
             raise StartupError(
                 f"cannot give {path} to group {server_config.socket_group!r}: keyd's user "
-                "must be a member of it"
+                "must be a member of it, and no seccomp filter may forbid chown (under "
+                "systemd/keyd.service leave socket_group unset: the socket already gets "
+                "the service's group)"
             ) from None
     return RunningServer(server, health_servicer, path, path.lstat().st_ino)
 

@@ -12,6 +12,8 @@ import os
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -347,3 +349,36 @@ def test_oversized_messages_are_refused_and_daemon_keeps_serving(daemon_home: Pa
             assert len(sig.signature) == 64
     finally:
         assert d.stop() == 0
+
+
+def test_client_without_socket_permission_is_told_so(daemon: Daemon) -> None:
+    # Run the client as an unprivileged uid that is not in the socket's group.
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a client as another uid")
+    script = (
+        "import sys; from keyd.client import Client; from keyd.errors import PermissionDenied\n"
+        f"c = Client({str(daemon.socket)!r}, timeout=5)\n"
+        "try:\n    c.status()\nexcept PermissionDenied as e:\n    print(e.message); sys.exit(0)\n"
+        "sys.exit(1)\n"
+    )
+    daemon.home.chmod(0o755)  # let the other uid reach the socket's directory
+    daemon.socket.parent.chmod(0o755)
+    result = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            sys.executable,
+            "-c",
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "permission denied on" in result.stdout
+    assert "must be in the socket's group" in result.stdout
