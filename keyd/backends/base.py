@@ -61,3 +61,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def health(self) -> BackendHealth: ...
+
+    def warm_up(self) -> None:  # noqa: B027 - optional hook, empty by default
+        """Prepare for fast signing (load keys, open sessions). Called once in the
+        background after the daemon is ready; requests do not wait for it."""

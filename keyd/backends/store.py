@@ -7,6 +7,7 @@ unattended signing costs one dictionary lookup plus the signature.
 
 from __future__ import annotations
 
+import logging
 import threading
 import typing
 from collections.abc import Sequence
@@ -25,6 +26,8 @@ from keyd.store.catalog import Catalog
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 
 NAME = "store"
+
+log = logging.getLogger("keyd.store")
 
 
 def _new_private_key(key_type: KeyType) -> PrivateKey:
@@ -60,6 +63,16 @@ def _sign_many(
     return [rsa_key.sign(p, RSA_PSS, hash_argument) for p in payloads]
 
 
+def _load(key_id: str, pkcs8: bytes) -> PrivateKey:
+    loaded = serialization.load_der_private_key(pkcs8, password=None)
+    if not isinstance(loaded, PrivateKey):
+        raise Internal(f"store key {key_id} holds an unsupported private key")
+    # A row under the wrong ID would sign for another key: check before first use.
+    if PublicKey.from_crypto(loaded.public_key()).notary_key_id != key_id:
+        raise Internal(f"store key {key_id} does not match its public key")
+    return loaded
+
+
 class StoreBackend(Backend):
     name = NAME
     # Verification of store keys is the daemon's [store] verify_signatures option.
@@ -88,15 +101,24 @@ class StoreBackend(Backend):
         with self._load_lock:
             key = self._cache.get(record.key_id)
             if key is None:
-                loaded = serialization.load_der_private_key(
-                    self._catalog.private_pkcs8(record.key_id), password=None
-                )
-                if not isinstance(loaded, PrivateKey):
-                    raise Internal(f"store key {record.key_id} holds an unsupported private key")
-                if PublicKey.from_crypto(loaded.public_key()).notary_key_id != record.key_id:
-                    raise Internal(f"store key {record.key_id} does not match its public key")
-                key = self._cache[record.key_id] = loaded
+                key = _load(record.key_id, self._catalog.private_pkcs8(record.key_id))
+                self._cache[record.key_id] = key
         return key
+
+    def warm_up(self) -> None:
+        """Decrypt every store key into the cache, so that no request pays for a
+        cold load from the database. Runs in the background after start."""
+        for key_id, pkcs8 in self._catalog.all_private_pkcs8():
+            if key_id in self._cache:
+                continue
+            try:
+                key = _load(key_id, pkcs8)
+            except Internal as exc:
+                log.error("store key is unusable", extra={"key_id": key_id, "error": exc.message})
+                continue
+            with self._load_lock:
+                if key_id in self._catalog:  # not deleted meanwhile
+                    self._cache.setdefault(key_id, key)
 
     def sign(self, record: KeyRecord, payloads: Sequence[bytes], *, prehashed: bool) -> list[bytes]:
         return _sign_many(self._private_key(record), record.key_type, payloads, prehashed)

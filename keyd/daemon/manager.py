@@ -302,6 +302,13 @@ class KeyManager:
 
     # -- status -----------------------------------------------------------------
 
+    def warm_up(self) -> None:
+        for name, backend in self._backends.items():
+            try:
+                backend.warm_up()
+            except KeydError as exc:
+                log.error("warm-up failed", extra={"backend": name, "error": exc.message})
+
     def blocking_threads(self) -> int:
         """Threads that backends may hold while they wait on a device: the server
         adds these to its CPU workers so a slow device never takes the store's."""

@@ -211,6 +211,7 @@ def serve(config: Config) -> int:
     keys = manager.key_count()
     log.info("keyd ready", extra={"socket": str(running.socket_path), "keys": keys})
     notify(f"READY=1\nSTATUS=serving {keys} keys on {running.socket_path}")
+    threading.Thread(target=manager.warm_up, name="keyd-warm-up", daemon=True).start()
     interval = watchdog_interval()
     if interval:
         threading.Thread(

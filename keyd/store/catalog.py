@@ -124,6 +124,11 @@ class Catalog:
             raise Internal(f"store key {key_id} has no private key in the store")
         return bytes(rows[0][0])
 
+    def all_private_pkcs8(self) -> list[tuple[str, bytes]]:
+        """Every store key's private key, in one scan (the store backend's warm-up)."""
+        rows = self._db.query("SELECT key_id, pkcs8 FROM store_private_keys")
+        return [(key_id, bytes(pkcs8)) for key_id, pkcs8 in rows]
+
 
 def _with_created(record: KeyRecord) -> KeyRecord:
     return replace(record, created_unix_ms=int(time.time() * 1000))

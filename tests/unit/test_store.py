@@ -17,7 +17,7 @@ from keyd.config import SecretKind
 from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.core.model import KeyRecord, KeySelector
 from keyd.core.signing import SignInput
-from keyd.errors import AlreadyExists, NotFound, SecretError, StoreError
+from keyd.errors import AlreadyExists, Internal, NotFound, SecretError, StoreError
 from keyd.store.catalog import Catalog
 from keyd.store.database import Database
 from keyd.store.secret import StoreSecret, create_secret_file, load_store_secret
@@ -311,3 +311,28 @@ def test_store_file_is_created_private_even_with_open_umask(store_dir: Path) -> 
         os.umask(old)
     for p in store_dir.iterdir():
         assert p.stat().st_mode & 0o077 == 0, p
+
+
+def test_warm_up_loads_keys_and_refuses_a_swapped_private_key(db: Database) -> None:
+    catalog = Catalog(db)
+    writer = StoreBackend(catalog)
+    a = _add_key(catalog, writer, KeyType.ECDSA_P256)
+    b = _add_key(catalog, writer, KeyType.ECDSA_P256)
+    c = _add_key(catalog, writer, KeyType.ED25519)
+    # Swap a's and b's private keys behind the catalog's back (a damaged or tampered row).
+    pkcs8_a, pkcs8_b = catalog.private_pkcs8(a.key_id), catalog.private_pkcs8(b.key_id)
+    with db.transaction() as conn:
+        conn.execute(
+            "UPDATE store_private_keys SET pkcs8 = ? WHERE key_id = ?", (pkcs8_b, a.key_id)
+        )
+        conn.execute(
+            "UPDATE store_private_keys SET pkcs8 = ? WHERE key_id = ?", (pkcs8_a, b.key_id)
+        )
+    backend = StoreBackend(catalog)
+    backend.warm_up()
+    assert set(backend._cache) == {c.key_id}  # only the intact key was loaded
+    (signature,) = backend.sign(c, [b"m"], prehashed=False)
+    assert c.public_key.verify(signature, SignInput.of_message(b"m"), SignatureEncoding.NATIVE)
+    for record in (a, b):
+        with pytest.raises(Internal, match="does not match its public key"):
+            backend.sign(record, [b"m"], prehashed=False)
