@@ -30,7 +30,7 @@ NAME = "store"
 log = logging.getLogger("keyd.store")
 
 
-def _new_private_key(key_type: KeyType) -> PrivateKey:
+def new_private_key(key_type: KeyType) -> PrivateKey:
     if key_type is KeyType.ECDSA_P256:
         return ec.generate_private_key(ec.SECP256R1())
     if key_type is KeyType.ECDSA_P384:
@@ -86,7 +86,7 @@ class StoreBackend(Backend):
         self._load_lock = threading.Lock()
 
     def generate(self, key_type: KeyType) -> GeneratedKey:
-        key = _new_private_key(key_type)
+        key = new_private_key(key_type)
         pkcs8 = key.private_bytes(
             serialization.Encoding.DER,
             serialization.PrivateFormat.PKCS8,

@@ -21,8 +21,6 @@ _LABEL_KEY = re.compile(r"[a-z0-9][a-z0-9._/-]{0,62}")
 MAX_LABELS = 32
 MAX_LABEL_VALUE = 256
 
-STANDARD_ROLES = ("root", "targets", "snapshot", "timestamp")
-
 
 @unique
 class KeyState(Enum):

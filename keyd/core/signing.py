@@ -53,15 +53,6 @@ class SignInput(NamedTuple):
                 f"a {expected}-byte {name} digest"
             )
 
-    def digest_for(self, key_type: KeyType) -> bytes:
-        """The digest to sign for ECDSA/RSA, hashing the message if needed."""
-        self.check_for(key_type)
-        if self.prehashed:
-            return self.payload
-        h = hashes.Hash(key_type.hash_algorithm())
-        h.update(self.payload)
-        return h.finalize()
-
 
 # cryptography's algorithm arguments, built once: constructing them per signature
 # costs as much as the rest of the request handling.

@@ -8,9 +8,10 @@ import json
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from securesystemslib.signer import SSlibKey
 
+from keyd.backends.store import new_private_key
 from keyd.core.canonical import encode_canonical
 from keyd.core.keys import PublicKey
 from keyd.core.keytypes import KeyType
@@ -26,19 +27,9 @@ NOTARY_ED25519_PUBLIC = "Su0FhzvhLLUlybaD4YFn17pMLaxm6CeBF7gH1TEDbl0="
 NOTARY_ED25519_ID = "5bdf3efa10102522456de689250cc952f2bbc9f7922fc94febdcf95883958a68"
 
 
-def _private(key_type: KeyType) -> object:
-    if key_type is KeyType.ECDSA_P256:
-        return ec.generate_private_key(ec.SECP256R1())
-    if key_type is KeyType.ECDSA_P384:
-        return ec.generate_private_key(ec.SECP384R1())
-    if key_type is KeyType.ED25519:
-        return ed25519.Ed25519PrivateKey.generate()
-    return rsa.generate_private_key(public_exponent=65537, key_size=3072)
-
-
 @pytest.fixture(scope="module", params=list(KeyType), ids=lambda t: t.value)
 def public(request: pytest.FixtureRequest) -> PublicKey:
-    return PublicKey.from_crypto(_private(request.param).public_key())  # type: ignore[attr-defined]
+    return PublicKey.from_crypto(new_private_key(request.param).public_key())
 
 
 def test_notary_vector_ecdsa() -> None:

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa,
 from securesystemslib.signer import Signature as SslibSignature
 from securesystemslib.signer import SSlibKey
 
-from keyd.backends.store import PrivateKey, _new_private_key, sign_with
+from keyd.backends.store import PrivateKey, new_private_key, sign_with
 from keyd.core.keys import PublicKey
 from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.core.signing import SignInput, der_to_raw, raw_to_der
@@ -23,7 +23,7 @@ MESSAGE = b"x" * 1024
 
 @pytest.fixture(scope="module", params=list(KeyType), ids=lambda t: t.value)
 def key(request: pytest.FixtureRequest) -> tuple[KeyType, PrivateKey]:
-    return request.param, _new_private_key(request.param)
+    return request.param, new_private_key(request.param)
 
 
 def test_message_signature_verifies_in_cryptography(key: tuple[KeyType, PrivateKey]) -> None:
@@ -53,7 +53,7 @@ def test_securesystemslib_verifies_store_signatures(key: tuple[KeyType, PrivateK
 
 @pytest.mark.parametrize("key_type", [KeyType.ECDSA_P256, KeyType.ECDSA_P384, KeyType.RSA_3072])
 def test_digest_and_message_signatures_are_interchangeable(key_type: KeyType) -> None:
-    private = _new_private_key(key_type)
+    private = new_private_key(key_type)
     public = PublicKey.from_crypto(private.public_key())
     digest = hashlib.new(key_type.hash_algorithm().name, MESSAGE).digest()
     by_digest = sign_with(private, key_type, SignInput.of_digest(digest))
@@ -96,7 +96,7 @@ def test_sign_input_repr_hides_payload() -> None:
 
 @pytest.mark.parametrize(("key_type", "size"), [(KeyType.ECDSA_P256, 32), (KeyType.ECDSA_P384, 48)])
 def test_raw_encoding_is_fixed_width_and_round_trips(key_type: KeyType, size: int) -> None:
-    private = _new_private_key(key_type)
+    private = new_private_key(key_type)
     assert isinstance(private, ec.EllipticCurvePrivateKey)
     for _ in range(50):  # some r or s values are short: padding must keep the width
         der = sign_with(private, key_type, SignInput.of_message(MESSAGE))
@@ -110,7 +110,7 @@ def test_raw_encoding_is_fixed_width_and_round_trips(key_type: KeyType, size: in
 
 
 def test_raw_signature_of_wrong_length_does_not_verify() -> None:
-    private = _new_private_key(KeyType.ECDSA_P256)
+    private = new_private_key(KeyType.ECDSA_P256)
     public = PublicKey.from_crypto(private.public_key())
     assert not public.verify(b"\1" * 63, SignInput.of_message(MESSAGE), SignatureEncoding.RAW)
 
@@ -130,7 +130,7 @@ def test_native_encoding_is_der_for_ecdsa() -> None:
 
 
 def test_ed25519_signature_is_over_the_whole_message() -> None:
-    private = _new_private_key(KeyType.ED25519)
+    private = new_private_key(KeyType.ED25519)
     assert isinstance(private, ed25519.Ed25519PrivateKey)
     signature = sign_with(private, KeyType.ED25519, SignInput.of_message(MESSAGE))
     private.public_key().verify(signature, MESSAGE)
