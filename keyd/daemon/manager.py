@@ -101,45 +101,40 @@ class _SigningPlan:
 
     def sign(self, inputs: Sequence[SignInput], *, prehashed: bool) -> list[SignOutcome]:
         """Sign inputs that are all messages, or all digests (prehashed)."""
-        record = self.record
-        key_type = record.key_type
         outcomes: list[SignOutcome | None] = [None] * len(inputs)
         todo: list[int] = []
         for i, data in enumerate(inputs):
-            payload = data.payload
-            if (len(payload) != self._digest_size) if prehashed else not payload:
-                try:
-                    data.check_for(key_type)  # raises the explanatory error
-                except KeydError as exc:
-                    outcomes[i] = exc
-                    continue
+            try:
+                self._check(data)
+            except KeydError as exc:
+                outcomes[i] = exc
+                continue
             todo.append(i)
         if todo:
-            payloads = [inputs[i].payload for i in todo]
-            if self._limit is None:
-                signatures = self._backend.sign(record, payloads, prehashed=prehashed)
-            else:
-                with self._limit:
-                    signatures = self._backend.sign(record, payloads, prehashed=prehashed)
+            signatures = self._backend_sign([inputs[i].payload for i in todo], prehashed)
             for i, signature in zip(todo, signatures, strict=True):
                 outcomes[i] = self._finish(inputs[i], signature)
         return outcomes  # type: ignore[return-value]  # every slot is filled above
 
     def sign_one(self, data: SignInput) -> Signature:
         """The unary path: the same steps as sign(), without the batch bookkeeping."""
-        payload = data.payload
-        prehashed = data.prehashed
-        if (len(payload) != self._digest_size) if prehashed else not payload:
-            data.check_for(self.record.key_type)
-        if self._limit is None:
-            (signature,) = self._backend.sign(self.record, (payload,), prehashed=prehashed)
-        else:
-            with self._limit:
-                (signature,) = self._backend.sign(self.record, (payload,), prehashed=prehashed)
+        self._check(data)
+        (signature,) = self._backend_sign((data.payload,), data.prehashed)
         outcome = self._finish(data, signature)
         if isinstance(outcome, KeydError):
             raise outcome
         return outcome
+
+    def _check(self, data: SignInput) -> None:
+        # The common case costs one comparison; check_for explains anything else.
+        if (len(data.payload) != self._digest_size) if data.prehashed else not data.payload:
+            data.check_for(self.record.key_type)
+
+    def _backend_sign(self, payloads: Sequence[bytes], prehashed: bool) -> list[bytes]:
+        if self._limit is None:
+            return self._backend.sign(self.record, payloads, prehashed=prehashed)
+        with self._limit:
+            return self._backend.sign(self.record, payloads, prehashed=prehashed)
 
     def _finish(self, data: SignInput, signature: bytes) -> SignOutcome:
         record = self.record
