@@ -37,22 +37,8 @@ class PublicKey:
     @classmethod
     def from_crypto(cls, key: object) -> PublicKey:
         """Wrap a `cryptography` public key; raises InvalidArgument for unsupported keys."""
-        if isinstance(key, ed25519.Ed25519PublicKey):
-            raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-            public = cls(KeyType.ED25519, raw)
-        elif isinstance(key, ec.EllipticCurvePublicKey):
-            if isinstance(key.curve, ec.SECP256R1):
-                public = cls(KeyType.ECDSA_P256, _spki(key))
-            elif isinstance(key.curve, ec.SECP384R1):
-                public = cls(KeyType.ECDSA_P384, _spki(key))
-            else:
-                raise InvalidArgument(f"unsupported elliptic curve {key.curve.name}")
-        elif isinstance(key, rsa.RSAPublicKey):
-            if key.key_size != RSA_BITS:
-                raise InvalidArgument(f"unsupported RSA key size {key.key_size}; keyd uses 3072")
-            public = cls(KeyType.RSA_3072, _spki(key))
-        else:
-            raise InvalidArgument(f"unsupported public key type {type(key).__name__}")
+        key_type = _key_type_of(key)
+        public = cls(key_type, _notary_bytes(typing.cast(PublicKeyObject, key)))
         public.__dict__["key"] = key  # prime the cached_property below
         return public
 
@@ -64,10 +50,8 @@ class PublicKey:
         and must be in canonical form now; trusted ones (from the encrypted catalog)
         are parsed when first used."""
         public = cls(key_type, bytes(data))
-        if not trusted:
-            parsed = PublicKey.from_crypto(public.key)
-            if parsed.notary_bytes != public.notary_bytes:
-                raise InvalidArgument(f"{key_type.value} public key is not in canonical form")
+        if not trusted and _notary_bytes(public.key) != public.notary_bytes:
+            raise InvalidArgument(f"{key_type.value} public key is not in canonical form")
         return public
 
     @cached_property
@@ -81,7 +65,7 @@ class PublicKey:
                 key = serialization.load_der_public_key(data)
         except ValueError as exc:
             raise InvalidArgument(f"malformed {key_type.value} public key: {exc}") from None
-        actual = PublicKey.from_crypto(key).key_type
+        actual = _key_type_of(key)
         if actual is not key_type:
             raise InvalidArgument(f"public key is {actual.value}, not {key_type.value}")
         return typing.cast(PublicKeyObject, key)
@@ -155,7 +139,27 @@ class PublicKey:
             )
 
 
-def _spki(key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey) -> bytes:
+def _key_type_of(key: object) -> KeyType:
+    """The key type of a `cryptography` public key; InvalidArgument if keyd has none."""
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return KeyType.ED25519
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if isinstance(key.curve, ec.SECP256R1):
+            return KeyType.ECDSA_P256
+        if isinstance(key.curve, ec.SECP384R1):
+            return KeyType.ECDSA_P384
+        raise InvalidArgument(f"unsupported elliptic curve {key.curve.name}")
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size != RSA_BITS:
+            raise InvalidArgument(f"unsupported RSA key size {key.key_size}; keyd uses 3072")
+        return KeyType.RSA_3072
+    raise InvalidArgument(f"unsupported public key type {type(key).__name__}")
+
+
+def _notary_bytes(key: PublicKeyObject) -> bytes:
+    """Notary's public key bytes: raw 32 bytes for Ed25519, DER SPKI otherwise."""
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
