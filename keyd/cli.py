@@ -14,7 +14,7 @@ import getpass
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -77,8 +77,9 @@ def _print_json(value: object) -> None:
     sys.stdout.write("\n")
 
 
-def _show_key(record: KeyRecord) -> None:
+def _show_key(record: KeyRecord, device: Mapping[str, str]) -> None:
     data = key_json(record)
+    data["device"] = dict(device)
     width = max(len(k) for k in data)
     for name in (
         "key_id",
@@ -91,6 +92,7 @@ def _show_key(record: KeyRecord) -> None:
         "labels",
         "created",
         "state",
+        "device",
     ):
         value = data[name]
         if isinstance(value, dict):
@@ -227,13 +229,33 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 def cmd_keys_show(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        record = client.get_key(args.key_id)
+        details = client.key_details(args.key_id)
+    record = details.record
     if args.json:
-        _print_json(key_json(record))
+        _print_json({**key_json(record), "device": dict(details.device)})
     elif args.pem:
         print(record.public_key.pem, end="")
     else:
-        _show_key(record)
+        _show_key(record, details.device)
+    return 0
+
+
+def cmd_keys_adopt(args: argparse.Namespace) -> int:
+    if not (args.id or args.device_label):
+        raise InvalidArgument("name the key on the device with --id (CKA_ID hex) or --device-label")
+    with _client(args) as client:
+        record = client.adopt_key(
+            backend=args.backend,
+            device_key_id=args.id or "",
+            device_label=args.device_label or "",
+            role=args.role,
+            collection=args.collection,
+            labels=_labels(args.label),
+        )
+    if args.json:
+        _print_json(key_json(record))
+    else:
+        print(record.key_id)
     return 0
 
 
@@ -315,7 +337,13 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "keys": status.keys,
                 "healthy": healthy,
                 "backends": [
-                    {"name": b.name, "healthy": b.healthy, "detail": b.detail, "keys": b.keys}
+                    {
+                        "name": b.name,
+                        "healthy": b.healthy,
+                        "state": b.state,
+                        "detail": b.detail,
+                        "keys": b.keys,
+                    }
                     for b in status.backends
                 ],
             }
@@ -324,7 +352,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"keyd {status.version} on {status.socket}, up since {_iso(status.started_unix_ms)}")
         print(f"{status.keys} keys")
         for b in status.backends:
-            state = "ok" if b.healthy else "UNHEALTHY"
+            state = "ok" if b.healthy else f"UNHEALTHY ({b.state})"
             print(
                 f"  backend {b.name}: {state}, {b.keys} keys{f' ({b.detail})' if b.detail else ''}"
             )
@@ -351,6 +379,48 @@ def _add_filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", action="append", metavar="NAME=VALUE")
 
 
+def _add_keys_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = sub.add_parser("keys", help="create, adopt, list, show and delete keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+
+    p = keys_sub.add_parser("create", help="create a key")
+    p.add_argument("--type", required=True, choices=[t.value for t in KeyType])
+    _add_filters(p)
+    p.add_argument("--backend", default="store", help="where the key lives (default store)")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_keys_create)
+
+    p = keys_sub.add_parser("list", help="list keys, optionally filtered")
+    _add_filters(p)
+    p.add_argument("--backend", default="")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_keys_list)
+
+    p = keys_sub.add_parser("show", help="show one key")
+    p.add_argument("key_id")
+    p.add_argument("--pem", action="store_true", help="print only the public key (PEM)")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_keys_show)
+
+    p = keys_sub.add_parser(
+        "adopt", help="record a key that already exists on a device (made elsewhere)"
+    )
+    p.add_argument("--backend", required=True, help="e.g. pkcs11 or pkcs11:NAME")
+    p.add_argument("--id", help="PKCS#11: the key's CKA_ID in hex")
+    p.add_argument("--device-label", help="PKCS#11: the key's CKA_LABEL")
+    _add_filters(p)
+    _add_client_options(p)
+    p.set_defaults(func=cmd_keys_adopt)
+
+    p = keys_sub.add_parser(
+        "delete", help="delete a key (store keys are destroyed; token keys are forgotten)"
+    )
+    p.add_argument("key_id")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_keys_delete)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keyd", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"keyd {__version__}")
@@ -373,33 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_init)
 
-    keys = sub.add_parser("keys", help="create, list, show and delete keys")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
-
-    p = keys_sub.add_parser("create", help="create a key")
-    p.add_argument("--type", required=True, choices=[t.value for t in KeyType])
-    _add_filters(p)
-    p.add_argument("--backend", default="store", help="where the key lives (default store)")
-    _add_client_options(p)
-    p.set_defaults(func=cmd_keys_create)
-
-    p = keys_sub.add_parser("list", help="list keys, optionally filtered")
-    _add_filters(p)
-    p.add_argument("--backend", default="")
-    _add_client_options(p)
-    p.set_defaults(func=cmd_keys_list)
-
-    p = keys_sub.add_parser("show", help="show one key")
-    p.add_argument("key_id")
-    p.add_argument("--pem", action="store_true", help="print only the public key (PEM)")
-    _add_client_options(p)
-    p.set_defaults(func=cmd_keys_show)
-
-    p = keys_sub.add_parser("delete", help="delete a key (cannot be undone)")
-    p.add_argument("key_id")
-    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    _add_client_options(p)
-    p.set_defaults(func=cmd_keys_delete)
+    _add_keys_commands(sub)
 
     p = sub.add_parser("sign", help="sign a file, stdin or a digest")
     p.add_argument("key_id")

@@ -63,11 +63,19 @@ class SignItem:
 
 
 @dataclass(frozen=True)
+class KeyDetails:
+    record: KeyRecord
+    # Read from the device at the time of the call (token keys: extractable...).
+    device: Mapping[str, str]
+
+
+@dataclass(frozen=True)
 class BackendStatus:
     name: str
     healthy: bool
     detail: str
     keys: int
+    state: str
 
 
 @dataclass(frozen=True)
@@ -174,7 +182,33 @@ class Client:
         return wire.key_from_pb(self._call(self._keys.CreateKey, request))
 
     def get_key(self, key_id: str) -> KeyRecord:
-        return wire.key_from_pb(self._call(self._keys.GetKey, pb.GetKeyRequest(key_id=key_id)))
+        return self.key_details(key_id).record
+
+    def key_details(self, key_id: str) -> KeyDetails:
+        """The key's record and what its device says about it now."""
+        message: pb.Key = self._call(self._keys.GetKey, pb.GetKeyRequest(key_id=key_id))
+        return KeyDetails(wire.key_from_pb(message), dict(message.device))
+
+    def adopt_key(
+        self,
+        *,
+        backend: str,
+        device_key_id: str = "",
+        device_label: str = "",
+        role: str = "",
+        collection: str = "",
+        labels: Mapping[str, str] | None = None,
+    ) -> KeyRecord:
+        """Record a key that already exists on a device (PKCS#11: by CKA_ID hex or label)."""
+        request = pb.AdoptKeyRequest(
+            backend=backend,
+            device_key_id=device_key_id,
+            device_label=device_label,
+            role=role,
+            collection=collection,
+            labels=dict(labels or {}),
+        )
+        return wire.key_from_pb(self._call(self._keys.AdoptKey, request))
 
     def list_keys(
         self,
@@ -257,7 +291,8 @@ class Client:
             started_unix_ms=response.started_unix_ms,
             keys=response.keys,
             backends=tuple(
-                BackendStatus(b.name, b.healthy, b.detail, b.keys) for b in response.backends
+                BackendStatus(b.name, b.healthy, b.detail, b.keys, b.state)
+                for b in response.backends
             ),
             socket=response.socket,
         )

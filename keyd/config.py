@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum, unique
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from keyd.errors import ConfigError
@@ -24,6 +27,7 @@ DEFAULT_SOCKET = Path("/run/keyd/keyd.sock")
 DEFAULT_STORE = Path("/var/lib/keyd/keyd.db")
 CREDENTIAL_NAME = "keyd-store-key"
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
+_BACKEND_NAME = re.compile(r"[a-z0-9_-]{1,32}")
 
 
 @unique
@@ -89,6 +93,37 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class Pkcs11TokenConfig:
+    """One `[pkcs11.NAME]` table: a token reached through a PKCS#11 module. Its keys
+    live on backend `pkcs11:NAME`."""
+
+    module: Path
+    # The token must match every selector given (at least one), and only one token may.
+    token_label: str = ""
+    token_serial: str = ""
+    # The user PIN: $CREDENTIALS_DIRECTORY/keyd-pkcs11-NAME-pin first, then this file.
+    pin_file: Path | None = None
+    # Sessions kept open, which is also how many signing requests run on it at once.
+    sessions: int = 4
+    # How often an absent token is looked for again (on demand, not in a loop).
+    reconnect_seconds: float = 5.0
+
+    def validate(self, name: str) -> None:
+        section = f"pkcs11.{name}"
+        if not _BACKEND_NAME.fullmatch(name):
+            _fail(section, "", "the name must be 1-32 lowercase letters, digits, - or _")
+        if not self.module.is_file():
+            _fail(section, "module", f"{self.module} does not exist or is not a file")
+        if not (self.token_label or self.token_serial):
+            _fail(section, "token_label", "set token_label, token_serial or both")
+        _check_range(section, "sessions", self.sessions, 1, 64)
+        _check_range(section, "reconnect_seconds", self.reconnect_seconds, 0, 3600)
+
+    def pin_credential(self, name: str) -> str:
+        return f"keyd-pkcs11-{name}-pin"
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: LogLevel = LogLevel.INFO
 
@@ -98,6 +133,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    pkcs11: Mapping[str, Pkcs11TokenConfig] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path) -> Config:
@@ -123,10 +159,15 @@ class Config:
             if not isinstance(value, dict):
                 raise _FieldError(f"[{name}]: must be a table")
             section_type = typing.get_type_hints(cls)[name]
-            sections[name] = _build_section(name, section_type, value, base)
+            if name == "pkcs11":  # a table of named tables, one per token
+                sections[name] = _build_named_sections(name, Pkcs11TokenConfig, value, base)
+            else:
+                sections[name] = _build_section(name, section_type, value, base)
         config = cls(**sections)
         config.server.validate()
         config.store.validate()
+        for token_name, token in config.pkcs11.items():
+            token.validate(token_name)
         return config
 
 
@@ -135,12 +176,23 @@ class _FieldError(Exception):
 
 
 def _fail(section: str, name: str, problem: str) -> typing.NoReturn:
-    raise _FieldError(f"[{section}] {name}: {problem}")
+    raise _FieldError(f"[{section}] {name}: {problem}" if name else f"[{section}]: {problem}")
 
 
 def _check_range(section: str, name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         _fail(section, name, f"{value} is out of range ({low} to {high})")
+
+
+def _build_named_sections(
+    section: str, cls: type[Any], values: dict[str, Any], base: Path
+) -> Mapping[str, Any]:
+    built = {}
+    for name, table in values.items():
+        if not isinstance(table, dict):
+            raise _FieldError(f"[{section}.{name}]: must be a table, such as [{section}.hsm]")
+        built[name] = _build_section(f"{section}.{name}", cls, table, base)
+    return MappingProxyType(built)
 
 
 def _build_section(section: str, cls: type[Any], values: dict[str, Any], base: Path) -> Any:
@@ -151,6 +203,14 @@ def _build_section(section: str, cls: type[Any], values: dict[str, Any], base: P
             fields = ", ".join(hints)
             _fail(section, name, f"unknown field; [{section}] takes {fields}")
         kwargs[name] = _convert(section, name, hints[name], raw, base)
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    for name in required:
+        if name not in kwargs:
+            _fail(section, name, "is required")
     return cls(**kwargs)
 
 

@@ -3,6 +3,8 @@ table that maps error kinds to gRPC status codes (used by server and client)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import grpc
 
 from keyd import errors
@@ -113,9 +115,10 @@ def encoding_from_pb(value: int) -> SignatureEncoding:
         raise InvalidArgument(f"unsupported signature encoding ({value}); use DER or RAW") from None
 
 
-def key_to_pb(record: KeyRecord) -> pb.Key:
+def key_to_pb(record: KeyRecord, device: Mapping[str, str] | None = None) -> pb.Key:
     public = record.public_key
     return pb.Key(
+        device=dict(device or {}),
         key_id=record.key_id,
         tuf_key_id=public.tuf_key_id,
         key_type=key_type_to_pb(record.key_type),

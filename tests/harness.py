@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from keyd.client import Client
@@ -46,7 +45,15 @@ def run_keyd(
 class Daemon:
     """A keyd process on a private socket, with its store and logs in `home`."""
 
-    def __init__(self, home: Path, *, server_extra: str = "", store_extra: str = "") -> None:
+    def __init__(
+        self,
+        home: Path,
+        *,
+        server_extra: str = "",
+        store_extra: str = "",
+        extra: str = "",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.home = home
         self.home.mkdir(mode=0o700, exist_ok=True)
         self.home.chmod(0o700)
@@ -60,8 +67,10 @@ class Daemon:
             f'socket = "{self.socket}"\n{server_extra}\n'
             "[store]\n"
             f'path = "{self.store}"\n'
-            f'secret_file = "{self.secret}"\n{store_extra}\n'
+            f'secret_file = "{self.secret}"\n{store_extra}\n{extra}\n'
         )
+        # Added to the daemon's environment (SOFTHSM2_CONF for SoftHSM tokens).
+        self.env = dict(env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
     def init(self) -> None:
@@ -76,6 +85,7 @@ class Daemon:
         self._notify_dir = notify_path.parent
         child_env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
         child_env.pop("CREDENTIALS_DIRECTORY", None)
+        child_env.update(self.env)
         child_env.update(env or {})
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -143,14 +153,3 @@ class Daemon:
         self.proc.kill()
         self.proc.wait()
         self.stop()
-
-
-@contextmanager
-def running_daemon(home: Path, **kwargs: str) -> Iterator[Daemon]:
-    daemon = Daemon(home, **kwargs)
-    daemon.init()
-    daemon.start()
-    try:
-        yield daemon
-    finally:
-        daemon.stop()

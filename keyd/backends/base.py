@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from keyd.core.keys import PublicKey
 from keyd.core.keytypes import KeyType
 from keyd.core.model import KeyRecord
+from keyd.errors import FailedPrecondition
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,17 @@ class BackendHealth:
     name: str
     healthy: bool
     detail: str = ""
+    # A short machine-readable word: ready, connected, absent, locked...
+    state: str = "ready"
+
+
+@dataclass(frozen=True)
+class DeviceKeyRef:
+    """A key that already exists on a device, named the device's way: `id` is the
+    CKA_ID in hex on a PKCS#11 token; `label` its CKA_LABEL."""
+
+    id: str = ""
+    label: str = ""
 
 
 class Backend(abc.ABC):
@@ -61,6 +73,22 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def health(self) -> BackendHealth: ...
+
+    def discard_new(self, record: KeyRecord) -> None:
+        """Undo generate() for a key the catalog failed to record. Hardware backends
+        that only forget keys in delete() destroy it here."""
+        self.delete(record)
+
+    def adopt(self, ref: DeviceKeyRef) -> GeneratedKey:
+        """Read a key that already exists on the device, to be recorded in the catalog."""
+        raise FailedPrecondition(f"backend {self.name!r} cannot adopt existing keys")
+
+    def describe(self, record: KeyRecord) -> Mapping[str, str]:
+        """Facts read from the device now (for example: is the key extractable)."""
+        return {}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release devices and sessions at shutdown."""
 
     def warm_up(self) -> None:  # noqa: B027 - optional hook, empty by default
         """Prepare for fast signing (load keys, open sessions). Called once in the

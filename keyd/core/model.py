@@ -119,6 +119,11 @@ class KeySelector:
         return (
             (not self.role or record.role == self.role)
             and (not self.collection or record.collection == self.collection)
-            and (not self.backend or record.backend == self.backend)
+            and (not self.backend or _in_backend(record.backend, self.backend))
             and all(record.labels.get(k) == v for k, v in self.labels.items())
         )
+
+
+def _in_backend(name: str, wanted: str) -> bool:
+    """`pkcs11` selects every `pkcs11:NAME`; a full name selects itself."""
+    return name == wanted or name.startswith(wanted + ":")

@@ -16,6 +16,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from keyd import __version__, wire
+from keyd.backends.base import DeviceKeyRef
 from keyd.core.model import KeySelector
 from keyd.daemon.manager import KeyManager, Signature, SignItem, SignOutcome
 from keyd.errors import InvalidArgument, KeydError
@@ -79,8 +80,20 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
         return wire.key_to_pb(record)
 
     @_rpc
+    def AdoptKey(self, request: pb.AdoptKeyRequest, context: grpc.ServicerContext) -> pb.Key:
+        record = self._manager.adopt(
+            DeviceKeyRef(id=request.device_key_id, label=request.device_label),
+            backend=request.backend,
+            role=request.role,
+            collection=request.collection,
+            labels=dict(request.labels),
+        )
+        return wire.key_to_pb(record)
+
+    @_rpc
     def GetKey(self, request: pb.GetKeyRequest, context: grpc.ServicerContext) -> pb.Key:
-        return wire.key_to_pb(self._manager.get(request.key_id))
+        record, device = self._manager.describe(request.key_id)
+        return wire.key_to_pb(record, device)
 
     @_rpc
     def ListKeys(
@@ -171,7 +184,9 @@ class StatusServicer(pb_grpc.StatusServiceServicer):
         self, request: pb.GetStatusRequest, context: grpc.ServicerContext
     ) -> pb.GetStatusResponse:
         backends = [
-            pb.BackendStatus(name=h.name, healthy=h.healthy, detail=h.detail, keys=count)
+            pb.BackendStatus(
+                name=h.name, healthy=h.healthy, detail=h.detail, keys=count, state=h.state
+            )
             for h, count in self._manager.health()
         ]
         return pb.GetStatusResponse(

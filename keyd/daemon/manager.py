@@ -11,7 +11,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from keyd.backends.base import Backend, BackendHealth
+from keyd.backends.base import Backend, BackendHealth, DeviceKeyRef, GeneratedKey
 from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.core.model import (
     KeyRecord,
@@ -177,10 +177,16 @@ class KeyManager:
 
     def _backend(self, name: str) -> Backend:
         backend = self._backends.get(name)
-        if backend is None:
-            known = ", ".join(sorted(self._backends))
-            raise InvalidArgument(f"unknown backend {name!r}; this daemon has: {known}")
-        return backend
+        if backend is not None:
+            return backend
+        # A family name ("pkcs11") stands for its only member ("pkcs11:hsm").
+        family = [b for n, b in self._backends.items() if n.startswith(name + ":")]
+        if len(family) == 1:
+            return family[0]
+        known = ", ".join(sorted(self._backends))
+        if family:
+            raise InvalidArgument(f"backend {name!r} is ambiguous; choose one of: {known}")
+        raise InvalidArgument(f"unknown backend {name!r}; this daemon has: {known}")
 
     def create(
         self,
@@ -196,29 +202,69 @@ class KeyManager:
         checked_labels = check_labels(labels or {})
         chosen = self._backend(backend)
         generated = chosen.generate(key_type)
-        record = KeyRecord(
-            public_key=generated.public_key,
-            backend=chosen.name,
-            location=generated.location,
-            role=role,
-            collection=collection,
-            labels=checked_labels,
-        )
-        try:
-            record = self._catalog.add(record, generated.private_pkcs8)
-        except BaseException:
-            # The catalog never learnt of it: take it off the device too.
-            if generated.private_pkcs8 is None:
-                _best_effort_delete(chosen, record)
-            raise
+        record = self._record(chosen, generated, role, collection, checked_labels)
         log.info(
             "key created",
             extra={"key_id": record.key_id, "key_type": key_type.value, "backend": chosen.name},
         )
         return record
 
+    def adopt(
+        self,
+        ref: DeviceKeyRef,
+        *,
+        backend: str,
+        role: str = "",
+        collection: str = "",
+        labels: Mapping[str, str] | None = None,
+    ) -> KeyRecord:
+        """Record a key that already exists on a device (made in a ceremony elsewhere)."""
+        check_role(role)
+        check_collection(collection)
+        checked_labels = check_labels(labels or {})
+        chosen = self._backend(backend)
+        generated = chosen.adopt(ref)
+        record = self._record(chosen, generated, role, collection, checked_labels, adopted=True)
+        log.info("key adopted", extra={"key_id": record.key_id, "backend": chosen.name})
+        return record
+
+    def _record(
+        self,
+        chosen: Backend,
+        generated: GeneratedKey,
+        role: str,
+        collection: str,
+        labels: Mapping[str, str],
+        *,
+        adopted: bool = False,
+    ) -> KeyRecord:
+        record = KeyRecord(
+            public_key=generated.public_key,
+            backend=chosen.name,
+            location=generated.location,
+            role=role,
+            collection=collection,
+            labels=labels,
+        )
+        try:
+            return self._catalog.add(record, generated.private_pkcs8)
+        except BaseException:
+            # The catalog never learnt of a new key: take it off the device too.
+            # An adopted key was there before keyd and stays.
+            if generated.private_pkcs8 is None and not adopted:
+                _best_effort_discard(chosen, record)
+            raise
+
     def get(self, key_id: str) -> KeyRecord:
         return self._catalog.get(check_key_id(key_id))
+
+    def describe(self, key_id: str) -> tuple[KeyRecord, Mapping[str, str]]:
+        """The record and what its device says about the key now."""
+        record = self.get(key_id)
+        backend = self._backends.get(record.backend)
+        if backend is None:
+            return record, {"device_status": f"backend {record.backend!r} is not configured"}
+        return record, backend.describe(record)
 
     def select(self, selector: KeySelector) -> list[KeyRecord]:
         return self._catalog.select(selector)
@@ -309,6 +355,10 @@ class KeyManager:
         adds these to its CPU workers so a slow device never takes the store's."""
         return sum(limit.size for limit in self._limits.values() if limit is not None)
 
+    def close(self) -> None:
+        for backend in self._backends.values():
+            backend.close()
+
     def key_count(self) -> int:
         return len(self._catalog)
 
@@ -323,9 +373,9 @@ class KeyManager:
         return result
 
 
-def _best_effort_delete(backend: Backend, record: KeyRecord) -> None:
+def _best_effort_discard(backend: Backend, record: KeyRecord) -> None:
     try:
-        backend.delete(record)
+        backend.discard_new(record)
     except KeydError as exc:
         log.error(
             "could not remove a key that was never recorded",

@@ -30,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from keyd.backends.base import Backend
+from keyd.backends.pkcs11 import Pkcs11Backend
 from keyd.backends.store import StoreBackend
 from keyd.config import Config
 from keyd.daemon import api, logs
@@ -170,6 +171,13 @@ def open_manager(
     db = Database.open(config.store.path, secret)
     catalog = Catalog(db)
     backends: dict[str, Backend] = {"store": StoreBackend(catalog)}
+    try:
+        for token_name, token_config in config.pkcs11.items():
+            backend = Pkcs11Backend(token_name, token_config)
+            backends[backend.name] = backend
+    except BaseException:
+        db.close()
+        raise
     backends.update(extra_backends or {})
     manager = KeyManager(
         catalog,
@@ -224,6 +232,7 @@ def serve(config: Config) -> int:
     log.info("stopping: draining in-flight requests", extra={"grace_seconds": grace})
     notify("STOPPING=1\nSTATUS=draining requests")
     running.stop(grace)
+    manager.close()
     db.close()
     log.info("keyd stopped")
     return 0

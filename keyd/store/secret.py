@@ -17,6 +17,7 @@ from pathlib import Path
 
 from keyd.config import CREDENTIAL_NAME, SecretKind
 from keyd.errors import SecretError
+from keyd.secretfile import check_private_file, read_private_file
 
 RAW_KEY_BYTES = 32
 MAX_PASSPHRASE_BYTES = 1024
@@ -74,42 +75,8 @@ class StoreSecret:
         return f"PRAGMA key = '{text}'"
 
 
-def check_private_file(path: Path, what: str) -> os.stat_result:
-    """Refuse a secret-bearing file that others could read or replace."""
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        raise SecretError(f"{what} {path} does not exist") from None
-    except OSError as exc:
-        raise SecretError(f"cannot read {what} {path}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise SecretError(f"{what} {path} is not a regular file (symbolic links are refused)")
-    if st.st_uid != os.geteuid():
-        raise SecretError(
-            f"{what} {path} is owned by uid {st.st_uid}, not by keyd (uid {os.geteuid()})"
-        )
-    if st.st_mode & 0o077:
-        raise SecretError(
-            f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}; others could read it. "
-            f"Run: chmod 600 {path}"
-        )
-    parent = path.parent.stat()
-    if parent.st_mode & 0o022 and not parent.st_mode & stat.S_ISVTX:
-        raise SecretError(
-            f"the directory of {what} {path} is writable by others, who could replace it. "
-            f"Run: chmod go-w {path.parent}"
-        )
-    return st
-
-
 def _read_secret_file(path: Path, kind: SecretKind) -> StoreSecret:
-    check_private_file(path, "store secret")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            text = f.read(4 * MAX_PASSPHRASE_BYTES)
-    except OSError as exc:
-        raise SecretError(f"cannot read store secret {path}: {exc.strerror}") from None
+    text = read_private_file(path, "store secret", 4 * MAX_PASSPHRASE_BYTES)
     return StoreSecret.parse(kind, text, str(path))
 
 

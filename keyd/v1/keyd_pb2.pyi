@@ -138,6 +138,26 @@ class Key(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class DeviceEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     KEY_ID_FIELD_NUMBER: _builtins.int
     TUF_KEY_ID_FIELD_NUMBER: _builtins.int
     KEY_TYPE_FIELD_NUMBER: _builtins.int
@@ -152,6 +172,7 @@ class Key(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     TUF_KEYTYPE_FIELD_NUMBER: _builtins.int
     TUF_SCHEME_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """Notary/TUF key ID: sha256 of the canonical JSON of keytype and the public key
     with "private": null. keyd's primary key ID.
@@ -178,6 +199,12 @@ class Key(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def device(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """GetKey only: facts read from the device at the time of the call, such as
+        "extractable": "false" for a token key; "device_status" when it cannot be read.
+        """
+
     def __init__(
         self,
         *,
@@ -195,10 +222,11 @@ class Key(_message.Message):
         state: Global___KeyState.ValueType = ...,
         tuf_keytype: _builtins.str = ...,
         tuf_scheme: _builtins.str = ...,
+        device: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "collection", b"collection", "created_unix_ms", b"created_unix_ms", "key_id", b"key_id", "key_type", b"key_type", "labels", b"labels", "location", b"location", "public_key", b"public_key", "public_key_pem", b"public_key_pem", "role", b"role", "state", b"state", "tuf_key_id", b"tuf_key_id", "tuf_keytype", b"tuf_keytype", "tuf_scheme", b"tuf_scheme"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "collection", b"collection", "created_unix_ms", b"created_unix_ms", "device", b"device", "key_id", b"key_id", "key_type", b"key_type", "labels", b"labels", "location", b"location", "public_key", b"public_key", "public_key_pem", b"public_key_pem", "role", b"role", "state", b"state", "tuf_key_id", b"tuf_key_id", "tuf_keytype", b"tuf_keytype", "tuf_scheme", b"tuf_scheme"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -256,6 +284,68 @@ class CreateKeyRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateKeyRequest: _TypeAlias = CreateKeyRequest  # noqa: Y015
+
+@_typing.final
+class AdoptKeyRequest(_message.Message):
+    """Record a key that already exists on a device (for example one made in a
+    ceremony elsewhere). keyd reads its public key from the device.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    BACKEND_FIELD_NUMBER: _builtins.int
+    DEVICE_KEY_ID_FIELD_NUMBER: _builtins.int
+    DEVICE_LABEL_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    backend: _builtins.str
+    """e.g. "pkcs11" or "pkcs11:hsm" """
+    device_key_id: _builtins.str
+    """PKCS#11: CKA_ID in hex"""
+    device_label: _builtins.str
+    """PKCS#11: CKA_LABEL"""
+    role: _builtins.str
+    collection: _builtins.str
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        backend: _builtins.str = ...,
+        device_key_id: _builtins.str = ...,
+        device_label: _builtins.str = ...,
+        role: _builtins.str = ...,
+        collection: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "collection", b"collection", "device_key_id", b"device_key_id", "device_label", b"device_label", "labels", b"labels", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdoptKeyRequest: _TypeAlias = AdoptKeyRequest  # noqa: Y015
 
 @_typing.final
 class GetKeyRequest(_message.Message):
@@ -562,10 +652,13 @@ class BackendStatus(_message.Message):
     HEALTHY_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     KEYS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     healthy: _builtins.bool
     detail: _builtins.str
     keys: _builtins.int
+    state: _builtins.str
+    """ready, connected, connecting, absent, ambiguous, locked"""
     def __init__(
         self,
         *,
@@ -573,10 +666,11 @@ class BackendStatus(_message.Message):
         healthy: _builtins.bool = ...,
         detail: _builtins.str = ...,
         keys: _builtins.int = ...,
+        state: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "healthy", b"healthy", "keys", b"keys", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "healthy", b"healthy", "keys", b"keys", "name", b"name", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

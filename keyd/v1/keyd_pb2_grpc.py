@@ -39,6 +39,11 @@ class KeyServiceStub:
                 request_serializer=keyd_dot_v1_dot_keyd__pb2.CreateKeyRequest.SerializeToString,
                 response_deserializer=keyd_dot_v1_dot_keyd__pb2.Key.FromString,
                 _registered_method=True)
+        self.AdoptKey = channel.unary_unary(
+                '/keyd.v1.KeyService/AdoptKey',
+                request_serializer=keyd_dot_v1_dot_keyd__pb2.AdoptKeyRequest.SerializeToString,
+                response_deserializer=keyd_dot_v1_dot_keyd__pb2.Key.FromString,
+                _registered_method=True)
         self.GetKey = channel.unary_unary(
                 '/keyd.v1.KeyService/GetKey',
                 request_serializer=keyd_dot_v1_dot_keyd__pb2.GetKeyRequest.SerializeToString,
@@ -60,6 +65,12 @@ class KeyServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def CreateKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdoptKey(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -89,6 +100,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
             'CreateKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateKey,
                     request_deserializer=keyd_dot_v1_dot_keyd__pb2.CreateKeyRequest.FromString,
+                    response_serializer=keyd_dot_v1_dot_keyd__pb2.Key.SerializeToString,
+            ),
+            'AdoptKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdoptKey,
+                    request_deserializer=keyd_dot_v1_dot_keyd__pb2.AdoptKeyRequest.FromString,
                     response_serializer=keyd_dot_v1_dot_keyd__pb2.Key.SerializeToString,
             ),
             'GetKey': grpc.unary_unary_rpc_method_handler(
@@ -133,6 +149,33 @@ class KeyService:
             target,
             '/keyd.v1.KeyService/CreateKey',
             keyd_dot_v1_dot_keyd__pb2.CreateKeyRequest.SerializeToString,
+            keyd_dot_v1_dot_keyd__pb2.Key.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdoptKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyd.v1.KeyService/AdoptKey',
+            keyd_dot_v1_dot_keyd__pb2.AdoptKeyRequest.SerializeToString,
             keyd_dot_v1_dot_keyd__pb2.Key.FromString,
             options,
             channel_credentials,

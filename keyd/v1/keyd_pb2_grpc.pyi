@@ -36,6 +36,7 @@ class KeyServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> KeyServiceAsyncStub: ...
     CreateKey: _grpc.UnaryUnaryMultiCallable[_keyd_pb2.CreateKeyRequest, _keyd_pb2.Key]
+    AdoptKey: _grpc.UnaryUnaryMultiCallable[_keyd_pb2.AdoptKeyRequest, _keyd_pb2.Key]
     GetKey: _grpc.UnaryUnaryMultiCallable[_keyd_pb2.GetKeyRequest, _keyd_pb2.Key]
     ListKeys: _grpc.UnaryUnaryMultiCallable[_keyd_pb2.ListKeysRequest, _keyd_pb2.ListKeysResponse]
     DeleteKey: _grpc.UnaryUnaryMultiCallable[_keyd_pb2.DeleteKeyRequest, _keyd_pb2.DeleteKeyResponse]
@@ -44,6 +45,7 @@ class KeyServiceStub:
 class KeyServiceAsyncStub(KeyServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateKey: _aio.UnaryUnaryMultiCallable[_keyd_pb2.CreateKeyRequest, _keyd_pb2.Key]  # type: ignore[assignment]
+    AdoptKey: _aio.UnaryUnaryMultiCallable[_keyd_pb2.AdoptKeyRequest, _keyd_pb2.Key]  # type: ignore[assignment]
     GetKey: _aio.UnaryUnaryMultiCallable[_keyd_pb2.GetKeyRequest, _keyd_pb2.Key]  # type: ignore[assignment]
     ListKeys: _aio.UnaryUnaryMultiCallable[_keyd_pb2.ListKeysRequest, _keyd_pb2.ListKeysResponse]  # type: ignore[assignment]
     DeleteKey: _aio.UnaryUnaryMultiCallable[_keyd_pb2.DeleteKeyRequest, _keyd_pb2.DeleteKeyResponse]  # type: ignore[assignment]
@@ -53,6 +55,13 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     def CreateKey(
         self,
         request: _keyd_pb2.CreateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyd_pb2.Key, _abc.Awaitable[_keyd_pb2.Key]]: ...
+
+    @_abc_1.abstractmethod
+    def AdoptKey(
+        self,
+        request: _keyd_pb2.AdoptKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keyd_pb2.Key, _abc.Awaitable[_keyd_pb2.Key]]: ...
 

@@ -1,0 +1,379 @@
+"""One configured token: finding it, logging in once, a pool of sessions, recovery.
+
+States: CONNECTED (logged in), ABSENT (no token matches; retried at most every
+`reconnect_seconds`), AMBIGUOUS (several match: a configuration problem, also
+retried), LOCKED (the PIN was refused: never retried by keyd, because every try
+can burn one of the token's PIN attempts; an operator fixes the PIN and restarts).
+
+PKCS#11 login is per token and process, not per session, and closing the session
+that logged in logs every other session out. So one long-lived session holds the
+login and worker sessions are opened without a PIN (a few µs each).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum, unique
+from typing import TypeVar
+
+import pkcs11
+from pkcs11 import ObjectClass, TokenFlag
+from pkcs11 import exceptions as p11_errors
+
+from keyd.backends.pkcs11.module import Module
+from keyd.config import Pkcs11TokenConfig
+from keyd.errors import FailedPrecondition, KeydError, Unavailable
+
+log = logging.getLogger("keyd.pkcs11")
+
+T = TypeVar("T")
+
+# Errors that mean the session, the login or the token itself is gone: drop the
+# connection, reconnect, and try the operation once more.
+CONNECTION_LOST: tuple[type[Exception], ...] = (
+    p11_errors.TokenNotPresent,
+    p11_errors.TokenNotRecognised,
+    p11_errors.DeviceRemoved,
+    p11_errors.DeviceError,
+    p11_errors.SessionClosed,
+    p11_errors.SessionHandleInvalid,
+    p11_errors.ObjectHandleInvalid,
+    p11_errors.KeyHandleInvalid,
+    p11_errors.UserNotLoggedIn,
+    p11_errors.GeneralError,
+    p11_errors.FunctionFailed,
+)
+_PIN_REFUSED = (p11_errors.PinIncorrect, p11_errors.PinLocked, p11_errors.PinExpired)
+_PIN_FLAGS = (TokenFlag.USER_PIN_COUNT_LOW, TokenFlag.USER_PIN_FINAL_TRY, TokenFlag.USER_PIN_LOCKED)
+
+
+@unique
+class TokenState(Enum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    ABSENT = "absent"
+    AMBIGUOUS = "ambiguous"
+    LOCKED = "locked"
+
+
+@dataclass(frozen=True)
+class TokenFacts:
+    """What the token says about itself (read when connecting)."""
+
+    label: str
+    serial: str
+    manufacturer: str
+    model: str
+    flags: TokenFlag
+
+    def pin_warnings(self) -> list[str]:
+        return [flag.name or "" for flag in _PIN_FLAGS if flag in self.flags]
+
+
+def _facts(token: pkcs11.Token) -> TokenFacts:
+    return TokenFacts(
+        label=token.label.strip(),
+        serial=token.serial.decode("ascii", "replace").strip(),
+        manufacturer=token.manufacturer_id.strip(),
+        model=token.model.strip(),
+        flags=TokenFlag(token.flags),
+    )
+
+
+class _Lost(Exception):
+    """The session or token went away during an attempt (internal to Token.run)."""
+
+
+class WorkerSession:
+    """A session without its own login, and the private keys it has found."""
+
+    def __init__(self, session: pkcs11.Session) -> None:
+        self.session = session
+        self._keys: dict[bytes, pkcs11.SignMixin] = {}
+
+    def private_key(self, cka_id: bytes) -> pkcs11.SignMixin:
+        # Finding an object costs ~0.25 ms; handles stay valid for the session's life.
+        key = self._keys.get(cka_id)
+        if key is None:
+            found = self.session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=cka_id)
+            key = self._keys[cka_id] = typing.cast(pkcs11.SignMixin, found)
+        return key
+
+    def close(self) -> None:
+        with contextlib.suppress(p11_errors.PKCS11Error):  # gone with the token or module
+            self.session.close()
+
+
+class _Connection:
+    """A logged-in token: the login session and idle worker sessions."""
+
+    def __init__(self, token: pkcs11.Token, login: pkcs11.Session, generation: int) -> None:
+        self.token = token
+        self.generation = generation
+        self._login = login
+        self._idle: list[WorkerSession] = []
+        self._lock = threading.Lock()
+        self.lost = False
+
+    def take(self) -> WorkerSession:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return WorkerSession(self.token.open())
+
+    def give(self, session: WorkerSession, keep: int) -> None:
+        with self._lock:
+            if not self.lost and len(self._idle) < keep:
+                self._idle.append(session)
+                return
+        session.close()
+
+    def close(self, *, stale: bool) -> None:
+        """Close the sessions; a stale connection (the module was reloaded since)
+        only forgets them, since its handle numbers may belong to new sessions now."""
+        with self._lock:
+            self.lost = True
+            idle, self._idle = self._idle, []
+        if stale:
+            return
+        for session in idle:
+            session.close()
+        with contextlib.suppress(p11_errors.PKCS11Error):
+            self._login.close()
+
+
+class Token:
+    """A configured token, connected on demand and reconnected after a loss."""
+
+    def __init__(self, name: str, config: Pkcs11TokenConfig, read_pin: Callable[[], str]) -> None:
+        self.name = name
+        self.config = config
+        self._read_pin = read_pin
+        self._module: Module | None = None
+        self._conn: _Connection | None = None
+        self._connect_lock = threading.Lock()
+        self._not_before = 0.0  # monotonic time before which no reconnect is tried
+        self.state = TokenState.CONNECTING
+        self.detail = "not connected yet"
+        self.facts: TokenFacts | None = None
+
+    # -- what others ask ---------------------------------------------------------
+
+    def describe(self) -> str:
+        wanted = []
+        if self.config.token_label:
+            wanted.append(f"label {self.config.token_label!r}")
+        if self.config.token_serial:
+            wanted.append(f"serial {self.config.token_serial!r}")
+        return f"PKCS#11 token {self.name!r} ({' and '.join(wanted)})"
+
+    def run(self, operation: Callable[[WorkerSession], T], *, rw: bool = False) -> T:
+        """Run `operation` on a session of this token, reconnecting once if the
+        session or the token was lost. Raises Unavailable when the token is absent,
+        FailedPrecondition when it is locked."""
+        reason = ""
+        for attempt in (1, 2):
+            conn = self._connection()
+            try:
+                return self._attempt(conn, operation, rw, retry=attempt == 1)
+            except _Lost as lost:
+                # Handled outside the module's shared lock: reconnecting may reload it.
+                reason = str(lost)
+                self._lose(conn, reason)
+        raise Unavailable(f"{self.describe()} failed twice in a row ({reason}); check the device")
+
+    def _attempt(
+        self, conn: _Connection, operation: Callable[[WorkerSession], T], rw: bool, *, retry: bool
+    ) -> T:
+        with self._require_module().using() as generation:
+            if generation != conn.generation or conn.lost:
+                raise _Lost("the module was reloaded")
+            try:
+                session = WorkerSession(conn.token.open(rw=True)) if rw else conn.take()
+            except CONNECTION_LOST as exc:
+                raise _Lost(type(exc).__name__) from None
+            try:
+                result = operation(session)
+            except CONNECTION_LOST as exc:
+                session.close()
+                raise _Lost(type(exc).__name__) from None
+            except p11_errors.NoSuchKey:
+                # A token that was swapped or removed shows no keys to a new session;
+                # look again once on a fresh connection before believing it.
+                self._release(conn, session, rw)
+                if retry:
+                    raise _Lost("key not found") from None
+                raise
+            except BaseException:
+                self._release(conn, session, rw)
+                raise
+            self._release(conn, session, rw)
+            return result
+
+    def check(self) -> None:
+        """Probe the token (status requests): notice a removal, try to reconnect."""
+        conn = self._conn
+        if conn is not None:
+            reason = ""
+            with self._require_module().using() as generation:
+                if generation != conn.generation or conn.lost:
+                    reason = "the module was reloaded"
+                else:
+                    try:
+                        self.facts = _facts(conn.token.slot.get_token())
+                    except p11_errors.PKCS11Error as exc:
+                        reason = type(exc).__name__
+            if not reason:
+                return
+            self._lose(conn, reason)
+        with contextlib.suppress(KeydError):  # the state and detail say why
+            self._connection()
+
+    def close(self) -> None:
+        with self._connect_lock:
+            conn, self._conn = self._conn, None
+            if conn is not None:
+                with self._require_module().using() as generation:
+                    conn.close(stale=generation != conn.generation)
+
+    # -- connecting ---------------------------------------------------------------
+
+    def _release(self, conn: _Connection, session: WorkerSession, rw: bool) -> None:
+        if rw:
+            session.close()
+        else:
+            conn.give(session, keep=self.config.sessions)
+
+    def _require_module(self) -> Module:
+        if self._module is None:
+            self._module = Module.get(self.config.module)
+        return self._module
+
+    def _lose(self, conn: _Connection, why: str) -> None:
+        with self._connect_lock:
+            if self._conn is conn:
+                log.warning("token connection lost", extra={"token": self.name, "reason": why})
+                self._conn = None
+                self._not_before = 0.0  # it was there a moment ago: reconnect at once
+            with self._require_module().using() as generation:
+                conn.close(stale=generation != conn.generation)
+
+    def _connection(self) -> _Connection:
+        conn = self._conn
+        if conn is not None and not conn.lost:
+            return conn
+        with self._connect_lock:
+            if self._conn is not None and not self._conn.lost:
+                return self._conn
+            if self.state is TokenState.LOCKED:
+                raise FailedPrecondition(self._locked_message())
+            if time.monotonic() < self._not_before:
+                raise Unavailable(self.detail)
+            try:
+                self._conn = self._connect()
+            except KeydError as exc:
+                self.detail = exc.message
+                self._not_before = time.monotonic() + self.config.reconnect_seconds
+                raise
+            return self._conn
+
+    def _locked_message(self) -> str:
+        return (
+            f"{self.describe()} is locked: {self.detail}. keyd does not retry a refused "
+            "PIN; fix the PIN file and restart keyd"
+        )
+
+    def _connect(self) -> _Connection:
+        try:
+            module = self._require_module()
+        except Unavailable:
+            self.state = TokenState.ABSENT
+            raise
+        token = self._find(module, reload_if_missing=True)
+        pin = self._read_pin()
+        facts = _facts(token)
+        with module.using() as generation:
+            try:
+                login = token.open(user_pin=pin)
+            except p11_errors.UserAlreadyLoggedIn:
+                # Someone in this process already holds the login (a previous
+                # connection being closed): sessions without a PIN share it.
+                login = token.open()
+            except _PIN_REFUSED as exc:
+                return self._locked(token, facts, exc)
+            except CONNECTION_LOST as exc:
+                self.state = TokenState.ABSENT
+                raise Unavailable(
+                    f"{self.describe()} went away while logging in ({type(exc).__name__})"
+                ) from None
+        self.facts = facts
+        self.state = TokenState.CONNECTED
+        self.detail = f"connected to token {facts.label!r}, serial {facts.serial}"
+        log.info(
+            "token connected",
+            extra={"token": self.name, "label": facts.label, "serial": facts.serial},
+        )
+        return _Connection(token, login, generation)
+
+    def _locked(self, token: pkcs11.Token, facts: TokenFacts, exc: Exception) -> _Connection:
+        with contextlib.suppress(p11_errors.PKCS11Error):
+            facts = _facts(token.slot.get_token())  # the flags after the failure
+        self.facts = facts
+        self.state = TokenState.LOCKED
+        warnings = facts.pin_warnings()
+        self.detail = f"the token refused the PIN ({type(exc).__name__})" + (
+            f"; token flags: {', '.join(warnings)}" if warnings else ""
+        )
+        log.error(
+            "token refused the PIN; not retrying", extra={"token": self.name, "flags": warnings}
+        )
+        raise FailedPrecondition(self._locked_message())
+
+    def _find(self, module: Module, *, reload_if_missing: bool) -> pkcs11.Token:
+        """The one token matching the configuration. Some modules (SoftHSM2) see a
+        token that came back only after a reload, so one reload is tried."""
+        with module.using() as generation:
+            found: list[pkcs11.Token] = []
+            error = ""
+            if module.ready:
+                try:
+                    found = list(module.lib.get_tokens())
+                except p11_errors.PKCS11Error as exc:
+                    error = type(exc).__name__
+            matches = [t for t in found if self._matches(t)]
+        if not matches and reload_if_missing:
+            try:
+                module.reload(generation)
+            except Unavailable as exc:
+                self.state = TokenState.ABSENT
+                raise Unavailable(f"{self.describe()} is not present: {exc.message}") from None
+            return self._find(module, reload_if_missing=False)
+        if len(matches) == 1:
+            return matches[0]
+        seen = ", ".join(
+            f"{t.label.strip()!r} (serial {t.serial.decode('ascii', 'replace').strip()})"
+            for t in found
+        )
+        if matches:
+            self.state = TokenState.AMBIGUOUS
+            raise Unavailable(
+                f"{self.describe()} matches {len(matches)} tokens: {seen}. Set token_serial "
+                "to choose one"
+            )
+        self.state = TokenState.ABSENT
+        listed = f"tokens present: {seen}" if seen else "no tokens present"
+        if error:
+            listed = f"the module could not list tokens ({error})"
+        raise Unavailable(f"{self.describe()} is not present ({listed})")
+
+    def _matches(self, token: pkcs11.Token) -> bool:
+        label, serial = self.config.token_label, self.config.token_serial
+        return (not label or token.label.strip() == label) and (
+            not serial or token.serial.decode("ascii", "replace").strip() == serial
+        )
