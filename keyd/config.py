@@ -103,8 +103,11 @@ class Pkcs11TokenConfig:
     token_serial: str = ""
     # The user PIN: $CREDENTIALS_DIRECTORY/keyd-pkcs11-NAME-pin first, then this file.
     pin_file: Path | None = None
-    # Sessions kept open, which is also how many signing requests run on it at once.
+    # Sessions kept open: how many operations run on the token at once.
     sessions: int = 4
+    # Requests accepted for this token at once, running or waiting for a session;
+    # more are refused with RESOURCE_EXHAUSTED so a slow token cannot hold every thread.
+    max_requests: int = 32
     # How often an absent token is looked for again (on demand, not in a loop).
     reconnect_seconds: float = 5.0
 
@@ -117,6 +120,7 @@ class Pkcs11TokenConfig:
         if not (self.token_label or self.token_serial):
             _fail(section, "token_label", "set token_label, token_serial or both")
         _check_range(section, "sessions", self.sessions, 1, 64)
+        _check_range(section, "max_requests", self.max_requests, self.sessions, 1024)
         _check_range(section, "reconnect_seconds", self.reconnect_seconds, 0, 3600)
 
     def pin_credential(self, name: str) -> str:

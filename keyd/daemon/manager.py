@@ -349,6 +349,8 @@ class KeyManager:
                 backend.warm_up()
             except KeydError as exc:
                 log.error("warm-up failed", extra={"backend": name, "error": exc.message})
+            except Exception:
+                log.exception("warm-up failed", extra={"backend": name})
 
     def blocking_threads(self) -> int:
         """Threads that backends may hold while they wait on a device: the server
@@ -368,7 +370,11 @@ class KeyManager:
             try:
                 health = backend.health()
             except KeydError as exc:
-                health = BackendHealth(name, False, exc.message)
+                health = BackendHealth(name, False, exc.message, "error")
+            except Exception:
+                # One backend's bug must not hide the others' status.
+                log.exception("health check failed", extra={"backend": name})
+                health = BackendHealth(name, False, "health check failed; see the log", "error")
             result.append((health, self._catalog.count(name)))
         return result
 

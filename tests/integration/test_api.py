@@ -13,8 +13,6 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from securesystemslib.signer import Signature as SslibSignature
@@ -27,6 +25,7 @@ from keyd.errors import InvalidArgument, KeydError, NotFound, PayloadTooLarge
 from keyd.v1 import keyd_pb2 as pb
 from keyd.v1 import keyd_pb2_grpc as pb_grpc
 from tests.harness import Daemon
+from tests.verify import independent_verify
 
 MESSAGE = b"\x00payload\xff" * 100
 
@@ -50,27 +49,6 @@ def keys(client: Client) -> dict[KeyType, KeyRecord]:
     return {
         t: client.create_key(t, role="timestamp", collection="example.com/app") for t in KeyType
     }
-
-
-def independent_verify(
-    record: KeyRecord, signature: bytes, message: bytes, encoding: SignatureEncoding
-) -> None:
-    """Verify with cryptography only, from the PEM the daemon reported."""
-    public = serialization.load_pem_public_key(record.public_key.pem.encode())
-    if isinstance(public, ed25519.Ed25519PublicKey):
-        public.verify(signature, message)
-    elif isinstance(public, ec.EllipticCurvePublicKey):
-        if encoding is SignatureEncoding.RAW:
-            half = len(signature) // 2
-            signature = utils.encode_dss_signature(
-                int.from_bytes(signature[:half], "big"), int.from_bytes(signature[half:], "big")
-            )
-        algorithm = hashes.SHA384() if isinstance(public.curve, ec.SECP384R1) else hashes.SHA256()
-        public.verify(signature, message, ec.ECDSA(algorithm))
-    else:
-        assert isinstance(public, rsa.RSAPublicKey)
-        pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=32)
-        public.verify(signature, message, pss, hashes.SHA256())
 
 
 @pytest.mark.parametrize("key_type", list(KeyType), ids=lambda t: t.value)

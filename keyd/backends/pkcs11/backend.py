@@ -85,7 +85,7 @@ class Pkcs11Backend(Backend):
 
     def __init__(self, token_name: str, config: Pkcs11TokenConfig) -> None:
         self.name = backend_name(token_name)
-        self.max_in_flight = config.sessions
+        self.max_in_flight = config.max_requests
         self._config = config
         # Read once now, so that a missing or unsafe PIN file stops the start.
         load_pin(token_name, config)

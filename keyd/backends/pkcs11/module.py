@@ -144,5 +144,5 @@ class Module:
             if self.generation != seen_generation:
                 return
             self.generation += 1
-            log.warning("reloading PKCS#11 module", extra={"module": str(self.path)})
+            log.warning("reloading PKCS#11 module", extra={"pkcs11_module": str(self.path)})
             self._initialize_with_locking()

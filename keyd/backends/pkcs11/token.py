@@ -49,6 +49,7 @@ CONNECTION_LOST: tuple[type[Exception], ...] = (
     p11_errors.GeneralError,
     p11_errors.FunctionFailed,
 )
+SESSION_WAIT_SECONDS = 30.0
 _PIN_REFUSED = (p11_errors.PinIncorrect, p11_errors.PinLocked, p11_errors.PinExpired)
 _PIN_FLAGS = (TokenFlag.USER_PIN_COUNT_LOW, TokenFlag.USER_PIN_FINAL_TRY, TokenFlag.USER_PIN_LOCKED)
 
@@ -158,6 +159,8 @@ class Token:
         self._module: Module | None = None
         self._conn: _Connection | None = None
         self._connect_lock = threading.Lock()
+        # One slot per session: requests beyond them wait here (the daemon bounds how many).
+        self._slots = threading.BoundedSemaphore(config.sessions)
         self._not_before = 0.0  # monotonic time before which no reconnect is tried
         self.state = TokenState.CONNECTING
         self.detail = "not connected yet"
@@ -180,12 +183,19 @@ class Token:
         reason = ""
         for attempt in (1, 2):
             conn = self._connection()
+            if not self._slots.acquire(timeout=SESSION_WAIT_SECONDS):
+                raise Unavailable(
+                    f"{self.describe()} is busy: all {self.config.sessions} sessions stayed in use "
+                    f"for {SESSION_WAIT_SECONDS:.0f} s"
+                )
             try:
                 return self._attempt(conn, operation, rw, retry=attempt == 1)
             except _Lost as lost:
                 # Handled outside the module's shared lock: reconnecting may reload it.
                 reason = str(lost)
-                self._lose(conn, reason)
+            finally:
+                self._slots.release()
+            self._lose(conn, reason)
         raise Unavailable(f"{self.describe()} failed twice in a row ({reason}); check the device")
 
     def _attempt(
