@@ -403,4 +403,8 @@ def run(runs: int, seconds: float, parts: list[str]) -> Report:
             big_store(report, work, runs)
         if "verify" in parts:
             verify_cost(report, work, runs, seconds)
+        if "pkcs11" in parts:
+            from benchmarks.pkcs11 import token_signing  # noqa: PLC0415 - imports core
+
+            token_signing(report, work, runs, seconds)
     return report
