@@ -218,10 +218,10 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     if not records:
         print("no keys", file=sys.stderr)
         return 0
-    print(f"{'KEY ID':<64}  {'TYPE':<10}  {'BACKEND':<8}  {'ROLE':<10}  COLLECTION")
+    print(f"{'KEY ID':<64}  {'TYPE':<10}  {'BACKEND':<12}  {'ROLE':<10}  COLLECTION")
     for r in records:
         print(
-            f"{r.key_id}  {r.key_type.value:<10}  {r.backend:<8}  {r.role or '-':<10}  "
+            f"{r.key_id}  {r.key_type.value:<10}  {r.backend:<12}  {r.role or '-':<10}  "
             f"{r.collection or '-'}"
         )
     return 0

@@ -306,6 +306,33 @@ def test_adopt_refuses_extractable_and_unknown_keys(shared_rig: Rig, client: Cli
         client.adopt_key(backend="store", device_key_id="01")
 
 
+def test_cli_adopt_and_list(shared_rig: Rig) -> None:
+    assert shared_rig.daemon is not None
+    shared_rig.hsm.pkcs11_tool(
+        "keyd-test", "--keypairgen", "--key-type", "rsa:3072", "--id", "c0ffee02",
+        "--label", "ceremony-targets", "--usage-sign",
+    )  # fmt: skip
+    with open_token(shared_rig, "keyd-test") as session:
+        key = session.get_key(object_class=ObjectClass.PRIVATE_KEY, id=bytes.fromhex("c0ffee02"))
+        if key[Attribute.EXTRACTABLE]:
+            key[Attribute.EXTRACTABLE] = False
+    socket = str(shared_rig.daemon.socket)
+    result = run_keyd(
+        "keys", "adopt", "--backend", "pkcs11", "--device-label", "ceremony-targets",
+        "--role", "targets", "--socket", socket,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    key_id = result.stdout.strip()
+    listed = run_keyd(
+        "keys", "list", "--backend", "pkcs11", "--role", "targets", "--socket", socket
+    )
+    assert key_id in listed.stdout
+    assert "pkcs11:hsm" in listed.stdout
+    missing = run_keyd("keys", "adopt", "--backend", "pkcs11", "--socket", socket)
+    assert missing.returncode == 2
+    assert "--id" in missing.stderr
+
+
 def test_delete_forgets_but_keeps_the_key_on_the_token(shared_rig: Rig, client: Client) -> None:
     record = client.create_key(KeyType.ECDSA_P256, backend="pkcs11")
     client.delete_key(record.key_id)

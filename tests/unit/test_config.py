@@ -66,3 +66,54 @@ def test_unreadable_config(tmp_path: Path) -> None:
     directory.mkdir()
     with pytest.raises(ConfigError, match="cannot read configuration"):
         Config.load(directory)
+
+
+def test_pkcs11_tokens(tmp_path: Path) -> None:
+    module = tmp_path / "libtoken.so"
+    module.write_bytes(b"")
+    config = _load(
+        tmp_path,
+        '[pkcs11.hsm]\nmodule = "libtoken.so"\ntoken_label = "root-keys"\n'
+        'pin_file = "hsm.pin"\nsessions = 2\n'
+        '[pkcs11.usb]\nmodule = "libtoken.so"\ntoken_serial = "0123abcd"\n',
+    )
+    hsm, usb = config.pkcs11["hsm"], config.pkcs11["usb"]
+    assert hsm.module == tmp_path.resolve() / "libtoken.so"
+    assert hsm.pin_file == tmp_path.resolve() / "hsm.pin"
+    assert (hsm.token_label, hsm.sessions, hsm.max_requests) == ("root-keys", 2, 32)
+    assert (usb.token_serial, usb.pin_file) == ("0123abcd", None)
+    assert hsm.pin_credential("hsm") == "keyd-pkcs11-hsm-pin"
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        (
+            'module = "missing.so"\ntoken_label = "x"\n',
+            r"\[pkcs11.t\] module: .*missing.so does not",
+        ),
+        ('token_label = "x"\n', r"\[pkcs11.t\] module: is required"),
+        ('module = "lib.so"\n', r"\[pkcs11.t\] token_label: set token_label, token_serial"),
+        ('module = "lib.so"\ntoken_label = "x"\nsessions = 0\n', r"sessions: 0 is out of range"),
+        (
+            'module = "lib.so"\ntoken_label = "x"\nsessions = 8\nmax_requests = 4\n',
+            r"max_requests: 4 is out of range \(8 to 1024\)",
+        ),
+        (
+            'module = "lib.so"\ntoken_label = "x"\npin = "1234"\n',
+            r"\[pkcs11.t\] pin: unknown field",
+        ),
+    ],
+)
+def test_bad_pkcs11_table(tmp_path: Path, table: str, expected: str) -> None:
+    (tmp_path / "lib.so").write_bytes(b"")
+    with pytest.raises(ConfigError, match=expected):
+        _load(tmp_path, "[pkcs11.t]\n" + table)
+
+
+def test_pkcs11_names_and_shapes(tmp_path: Path) -> None:
+    (tmp_path / "lib.so").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"\[pkcs11.Bad Name\]: the name must be"):
+        _load(tmp_path, '[pkcs11."Bad Name"]\nmodule = "lib.so"\ntoken_label = "x"\n')
+    with pytest.raises(ConfigError, match=r"\[pkcs11.t\]: must be a table"):
+        _load(tmp_path, "[pkcs11]\nt = 3\n")
