@@ -28,7 +28,7 @@ from pkcs11 import exceptions as p11_errors
 
 from keyd.backends.pkcs11.module import Module
 from keyd.config import Pkcs11TokenConfig
-from keyd.errors import FailedPrecondition, KeydError, Unavailable
+from keyd.errors import FailedPrecondition, KeydError, SecretError, Unavailable
 
 log = logging.getLogger("keyd.pkcs11")
 
@@ -288,7 +288,8 @@ class Token:
             try:
                 self._conn = self._connect()
             except KeydError as exc:
-                self.detail = exc.message
+                if not isinstance(exc, FailedPrecondition):  # _locked wrote the detail
+                    self.detail = exc.message
                 self._not_before = time.monotonic() + self.config.reconnect_seconds
                 raise
             return self._conn
@@ -301,14 +302,24 @@ class Token:
 
     def _connect(self) -> _Connection:
         try:
+            return self._find_and_log_in()
+        except p11_errors.PKCS11Error as exc:  # anything the steps below did not expect
+            self.state = TokenState.ABSENT
+            raise Unavailable(f"{self.describe()} cannot be used ({type(exc).__name__})") from None
+
+    def _find_and_log_in(self) -> _Connection:
+        try:
             module = self._require_module()
         except Unavailable:
             self.state = TokenState.ABSENT
             raise
         token = self._find(module, reload_if_missing=True)
-        pin = self._read_pin()
-        facts = _facts(token)
+        try:
+            pin = self._read_pin()
+        except SecretError as exc:  # the PIN file changed since start; retried later
+            raise Unavailable(f"{self.describe()}: cannot read its PIN: {exc.message}") from None
         with module.using() as generation:
+            facts = _facts(token)
             try:
                 login = token.open(user_pin=pin)
             except p11_errors.UserAlreadyLoggedIn:
