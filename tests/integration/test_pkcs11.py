@@ -298,6 +298,22 @@ def test_adopt_refuses_extractable_and_unknown_keys(shared_rig: Rig, client: Cli
         )  # fmt: skip
     with pytest.raises(FailedPrecondition, match="can leave the token"):
         client.adopt_key(backend="pkcs11", device_label="loose")
+    # A public-key object that claims the CKA_ID of another key's private half.
+    with open_token(shared_rig, "keyd-test") as session:
+        ec_params = {Attribute.EC_PARAMS: bytes.fromhex("06082a8648ce3d030107")}
+        private_only = {Attribute.EXTRACTABLE: False, Attribute.SENSITIVE: True}
+        pub_x, _ = session.generate_keypair(
+            pkcs11.KeyType.EC, store=True, id=b"\xdd\x01", label="x",
+            public_template=ec_params, private_template=private_only,
+        )  # fmt: skip
+        pub_y, _ = session.generate_keypair(
+            pkcs11.KeyType.EC, store=True, id=b"\xdd\x02", label="y",
+            public_template=ec_params, private_template=private_only,
+        )  # fmt: skip
+        pub_x.destroy()
+        pub_y[Attribute.ID] = b"\xdd\x01"
+    with pytest.raises(FailedPrecondition, match="does not belong to the private key"):
+        client.adopt_key(backend="pkcs11", device_key_id="dd01")
     with pytest.raises(InvalidArgument, match="no private key"):
         client.adopt_key(backend="pkcs11", device_key_id="0badc0de")
     with pytest.raises(InvalidArgument, match="not hex"):

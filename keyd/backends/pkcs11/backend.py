@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import pkcs11
 from pkcs11 import Attribute, ObjectClass
 from pkcs11 import exceptions as p11_errors
 
@@ -27,8 +29,9 @@ from keyd.backends.pkcs11.keys import (
 from keyd.backends.pkcs11.token import Token, TokenState, WorkerSession
 from keyd.config import Pkcs11TokenConfig
 from keyd.core.keys import PublicKey
-from keyd.core.keytypes import KeyType
+from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.core.model import KeyRecord
+from keyd.core.signing import SignInput
 from keyd.errors import FailedPrecondition, Internal, InvalidArgument, KeydError, SecretError
 from keyd.secretfile import read_private_file
 
@@ -184,7 +187,22 @@ class Pkcs11Backend(Backend):
                     f"the token has no public-key object with CKA_ID {cka_id.hex()}; keyd reads "
                     "the public key from it. Import the public key to the token first"
                 ) from None
-            return public_key_of(public_obj), cka_id, label
+            except p11_errors.MultipleObjectsReturned:
+                raise FailedPrecondition(
+                    f"the token has several public-key objects with CKA_ID {cka_id.hex()}"
+                ) from None
+            public = public_key_of(public_obj)
+            # The public object only claims to match: prove it with a signature.
+            challenge = SignInput.of_message(secrets.token_bytes(32))
+            (signature,) = signer(public.key_type, prehashed=False)(
+                typing.cast(pkcs11.SignMixin, private), [challenge.payload]
+            )
+            if not public.verify(signature, challenge, SignatureEncoding.DER):
+                raise FailedPrecondition(
+                    f"the public-key object with CKA_ID {cka_id.hex()} does not belong to the "
+                    "private key; keyd does not adopt it"
+                )
+            return public, cka_id, label
 
         try:
             public, cka_id, label = self._token.run(find)
