@@ -107,7 +107,8 @@ class Pkcs11TokenConfig:
     sessions: int = 4
     # Requests accepted for this token at once, running or waiting for a session;
     # more are refused with RESOURCE_EXHAUSTED so a slow token cannot hold every thread.
-    max_requests: int = 32
+    # Each adds a server thread, and more threads cost store keys throughput (GIL).
+    max_requests: int = 16
     # How often an absent token is looked for again (on demand, not in a loop).
     reconnect_seconds: float = 5.0
 

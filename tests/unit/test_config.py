@@ -80,7 +80,7 @@ def test_pkcs11_tokens(tmp_path: Path) -> None:
     hsm, usb = config.pkcs11["hsm"], config.pkcs11["usb"]
     assert hsm.module == tmp_path.resolve() / "libtoken.so"
     assert hsm.pin_file == tmp_path.resolve() / "hsm.pin"
-    assert (hsm.token_label, hsm.sessions, hsm.max_requests) == ("root-keys", 2, 32)
+    assert (hsm.token_label, hsm.sessions, hsm.max_requests) == ("root-keys", 2, 16)
     assert (usb.token_serial, usb.pin_file) == ("0123abcd", None)
     assert hsm.pin_credential("hsm") == "keyd-pkcs11-hsm-pin"
 
