@@ -119,7 +119,10 @@ def shared_rig() -> Iterator[Rig]:
     r = Rig(root)
     r.hsm.init_token("keyd-test")
     r.start(token_table("hsm", r.hsm.module, r.pin_file, label="keyd-test"))
-    yield r
+    with pytest.MonkeyPatch.context() as env:
+        # open_token() loads SoftHSM in this process too, with this rig's configuration.
+        env.setenv("SOFTHSM2_CONF", r.hsm.env["SOFTHSM2_CONF"])
+        yield r
     r.stop()
     shutil.rmtree(root, ignore_errors=True)
 
@@ -139,7 +142,7 @@ def token_keys(client: Client) -> dict[KeyType, str]:
 
 def open_token(rig: Rig, label: str) -> pkcs11.Session:
     """A session of the test process itself on the token (SoftHSM is multi-process)."""
-    os.environ["SOFTHSM2_CONF"] = rig.hsm.env["SOFTHSM2_CONF"]
+    assert os.environ["SOFTHSM2_CONF"] == rig.hsm.env["SOFTHSM2_CONF"]
     lib = pkcs11.lib(str(rig.hsm.module))
     lib.reinitialize()  # see tokens created since this process first loaded SoftHSM
     return lib.get_token(token_label=label).open(user_pin=USER_PIN, rw=True)

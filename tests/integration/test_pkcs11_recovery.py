@@ -8,7 +8,6 @@ notice, reconnect and sign without the caller seeing an error.
 from __future__ import annotations
 
 import ctypes
-import os
 import shutil
 import tempfile
 import threading
@@ -35,10 +34,11 @@ def hsm() -> Iterator[SoftHSM]:
     root = Path(tempfile.mkdtemp(prefix="keyd-r-"))
     root.chmod(0o700)
     soft = SoftHSM(root / "hsm")
-    # This process loads SoftHSM once; its configuration is read at C_Initialize.
-    os.environ["SOFTHSM2_CONF"] = soft.env["SOFTHSM2_CONF"]
     soft.init_token("recover")
-    yield soft
+    with pytest.MonkeyPatch.context() as env:
+        # SoftHSM in this process reads its configuration at (re)initialisation.
+        env.setenv("SOFTHSM2_CONF", soft.env["SOFTHSM2_CONF"])
+        yield soft
     shutil.rmtree(root, ignore_errors=True)
 
 
