@@ -61,6 +61,11 @@ class ServerConfig:
     max_batch_items: int = 1024
     # How long SIGTERM waits for in-flight requests.
     shutdown_grace_seconds: float = 10.0
+    # A second socket for `keyd notary-signer`: callers on it reach only online keys
+    # (timestamp, snapshot) of collections, enforced by the daemon. Unset: no such socket.
+    notary_socket: Path | None = None
+    # Group of the notary socket (mode 0660): the shim's group.
+    notary_socket_group: str = ""
 
     @property
     def worker_threads(self) -> int:
@@ -71,6 +76,11 @@ class ServerConfig:
             _fail("server", "socket", "must be an absolute path")
         if len(bytes(self.socket)) > _SUN_PATH_MAX:
             _fail("server", "socket", f"is longer than {_SUN_PATH_MAX} bytes (a Unix socket limit)")
+        if self.notary_socket is not None:
+            if len(bytes(self.notary_socket)) > _SUN_PATH_MAX:
+                _fail("server", "notary_socket", f"is longer than {_SUN_PATH_MAX} bytes")
+            if self.notary_socket == self.socket:
+                _fail("server", "notary_socket", "must differ from socket")
         _check_range("server", "workers", self.workers, 0, 1024)
         _check_range("server", "max_concurrent_rpcs", self.max_concurrent_rpcs, 1, 65536)
         _check_range("server", "max_payload_bytes", self.max_payload_bytes, 1, 64 * 1024 * 1024)

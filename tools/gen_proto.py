@@ -1,4 +1,4 @@
-"""Generate keyd/v1 (Python, .pyi stubs, gRPC stubs) from proto/.
+"""Generate keyd/v1 and keyd/notary/wire (Python, .pyi stubs, gRPC stubs) from proto/.
 
 Run through `./dev.sh proto`; tests/test_proto_fresh.py runs it into a
 temporary directory and fails when the committed code differs.
@@ -14,7 +14,7 @@ from pathlib import Path
 from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTOS = ["keyd/v1/keyd.proto"]
+PROTOS = ["keyd/v1/keyd.proto", "keyd/notary/wire/signer.proto"]
 
 
 def generate(out: Path) -> None:

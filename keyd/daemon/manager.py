@@ -6,9 +6,11 @@ either completes or leaves nothing behind (no catalog row without its key).
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from keyd.backends.base import Backend, BackendHealth, DeviceKeyRef, GeneratedKey
@@ -28,7 +30,9 @@ from keyd.errors import (
     Internal,
     InvalidArgument,
     KeydError,
+    NotFound,
     PayloadTooLarge,
+    PermissionDenied,
     ResourceExhausted,
     Unavailable,
 )
@@ -152,6 +156,43 @@ class _SigningPlan:
         return Signature(record.key_id, signature, key_type, self.encoding)
 
 
+@dataclass(frozen=True)
+class Scope:
+    """What callers on a restricted socket may reach. Keys outside it do not exist
+    for them (NOT_FOUND, as for an unknown ID); creating one is PERMISSION_DENIED."""
+
+    name: str
+    backends: frozenset[str]
+    roles: frozenset[str]
+    need_collection: bool
+
+    def allows(self, record: KeyRecord) -> bool:
+        return (
+            record.backend in self.backends
+            and record.role in self.roles
+            and (bool(record.collection) or not self.need_collection)
+        )
+
+    def check_create(self, backend: str, role: str, collection: str) -> None:
+        if backend not in self.backends or role not in self.roles:
+            raise PermissionDenied(
+                f"the {self.name} socket may only create {' or '.join(sorted(self.roles))} keys "
+                f"on backend {' or '.join(sorted(self.backends))}"
+            )
+        if self.need_collection and not collection:
+            raise PermissionDenied(f"the {self.name} socket needs a collection for every key")
+
+
+# The Notary shim's reach: online keys of Notary collections, never root, targets
+# or anything on hardware.
+NOTARY_SCOPE = Scope(
+    name="notary",
+    backends=frozenset({"store"}),
+    roles=frozenset({"timestamp", "snapshot"}),
+    need_collection=True,
+)
+
+
 class KeyManager:
     def __init__(
         self,
@@ -172,6 +213,20 @@ class KeyManager:
         # Signing plans per key ID and requested encoding (see _plan).
         self._plans: dict[str, dict[SignatureEncoding, _SigningPlan]] = {}
         self._plans_lock = threading.Lock()
+        self._scope: Scope | None = None
+
+    def scoped(self, scope: Scope) -> KeyManager:
+        """A view of this manager (same keys, backends, limits) restricted to `scope`."""
+        view = copy.copy(self)
+        view._scope = scope
+        return view
+
+    def _visible(self, record: KeyRecord) -> KeyRecord:
+        if self._scope is not None and not self._scope.allows(record):
+            raise NotFound(
+                f"no key with ID {record.key_id}; `keyd keys list` shows the keys keyd has"
+            )
+        return record
 
     # -- key management -------------------------------------------------------
 
@@ -201,6 +256,8 @@ class KeyManager:
         check_collection(collection)
         checked_labels = check_labels(labels or {})
         chosen = self._backend(backend)
+        if self._scope is not None:
+            self._scope.check_create(chosen.name, role, collection)
         generated = chosen.generate(key_type)
         record = self._record(chosen, generated, role, collection, checked_labels)
         log.info(
@@ -219,6 +276,8 @@ class KeyManager:
         labels: Mapping[str, str] | None = None,
     ) -> KeyRecord:
         """Record a key that already exists on a device (made in a ceremony elsewhere)."""
+        if self._scope is not None:
+            raise PermissionDenied(f"the {self._scope.name} socket may not adopt keys")
         check_role(role)
         check_collection(collection)
         checked_labels = check_labels(labels or {})
@@ -256,7 +315,7 @@ class KeyManager:
             raise
 
     def get(self, key_id: str) -> KeyRecord:
-        return self._catalog.get(check_key_id(key_id))
+        return self._visible(self._catalog.get(check_key_id(key_id)))
 
     def describe(self, key_id: str) -> tuple[KeyRecord, Mapping[str, str]]:
         """The record and what its device says about the key now."""
@@ -267,9 +326,13 @@ class KeyManager:
         return record, backend.describe(record)
 
     def select(self, selector: KeySelector) -> list[KeyRecord]:
-        return self._catalog.select(selector)
+        records = self._catalog.select(selector)
+        if self._scope is not None:
+            records = [r for r in records if self._scope.allows(r)]
+        return records
 
     def delete(self, key_id: str) -> None:
+        self.get(key_id)  # NOT_FOUND for keys outside this view's scope
         record = self._catalog.remove(check_key_id(key_id))
         with self._plans_lock:
             self._plans.pop(key_id, None)
@@ -282,7 +345,10 @@ class KeyManager:
 
     def sign(self, key_id: str, data: SignInput, encoding: SignatureEncoding) -> Signature:
         self._check_size(data)
-        return self._get_plan(key_id, encoding).sign_one(data)
+        plan = self._get_plan(key_id, encoding)
+        if self._scope is not None:
+            self._visible(plan.record)
+        return plan.sign_one(data)
 
     def _check_size(self, data: SignInput) -> None:
         size = len(data.payload)
@@ -311,6 +377,8 @@ class KeyManager:
         for (key_id, encoding, prehashed), indices in groups.items():
             try:
                 plan = self._get_plan(key_id, encoding)
+                if self._scope is not None:
+                    self._visible(plan.record)
                 results = plan.sign([items[i].data for i in indices], prehashed=prehashed)
             except KeydError as exc:
                 results = [exc] * len(indices)

@@ -34,7 +34,7 @@ from keyd.backends.pkcs11 import Pkcs11Backend
 from keyd.backends.store import StoreBackend
 from keyd.config import Config
 from keyd.daemon import api, logs
-from keyd.daemon.manager import KeyManager
+from keyd.daemon.manager import NOTARY_SCOPE, KeyManager
 from keyd.daemon.notify import notify, watchdog_interval
 from keyd.errors import StartupError
 from keyd.store.catalog import Catalog
@@ -84,15 +84,13 @@ def prepare_socket_path(path: Path) -> None:
     )
 
 
-def _socket_gid(group: str) -> int | None:
+def _socket_gid(group: str, field: str) -> int | None:
     if not group:
         return None
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
-        raise StartupError(
-            f"[server] socket_group: no group named {group!r} on this host"
-        ) from None
+        raise StartupError(f"[server] {field}: no group named {group!r} on this host") from None
 
 
 @dataclass
@@ -112,18 +110,57 @@ class RunningServer:
             pass
 
 
-def start_server(manager: KeyManager, config: Config) -> RunningServer:
-    """Bind the Unix socket (0660, configured group) and start serving."""
+def start_server(manager: KeyManager, config: Config) -> list[RunningServer]:
+    """Serve the main socket and, when configured, the notary socket (same threads)."""
     server_config = config.server
-    path = server_config.socket
-    gid = _socket_gid(server_config.socket_group)
+    pool = futures.ThreadPoolExecutor(
+        max_workers=server_config.worker_threads + manager.blocking_threads(),
+        thread_name_prefix="keyd-worker",
+    )
+    running = [
+        _serve_socket(
+            manager,
+            config,
+            pool,
+            path=server_config.socket,
+            group=server_config.socket_group,
+            group_field="socket_group",
+        )
+    ]
+    if server_config.notary_socket is not None:
+        try:
+            running.append(
+                _serve_socket(
+                    manager.scoped(NOTARY_SCOPE),
+                    config,
+                    pool,
+                    path=server_config.notary_socket,
+                    group=server_config.notary_socket_group,
+                    group_field="notary_socket_group",
+                )
+            )
+        except BaseException:
+            running[0].stop(0)
+            raise
+    return running
+
+
+def _serve_socket(
+    manager: KeyManager,
+    config: Config,
+    pool: futures.ThreadPoolExecutor,
+    *,
+    path: Path,
+    group: str,
+    group_field: str,
+) -> RunningServer:
+    """Bind one Unix socket (0660, the configured group) and start serving it."""
+    server_config = config.server
+    gid = _socket_gid(group, group_field)
     prepare_socket_path(path)
     limit = server_config.max_payload_bytes + _MESSAGE_OVERHEAD
     server = grpc.server(
-        futures.ThreadPoolExecutor(
-            max_workers=server_config.worker_threads + manager.blocking_threads(),
-            thread_name_prefix="keyd-worker",
-        ),
+        pool,
         maximum_concurrent_rpcs=server_config.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", limit),
@@ -156,7 +193,7 @@ def start_server(manager: KeyManager, config: Config) -> RunningServer:
         except PermissionError:
             server.stop(0)
             raise StartupError(
-                f"cannot give {path} to group {server_config.socket_group!r}: keyd's user "
+                f"cannot give {path} to group {group!r}: keyd's user "
                 "must be a member of it, and no seccomp filter may forbid chown (under "
                 "systemd/keyd.service leave socket_group unset: the socket already gets "
                 "the service's group)"
@@ -217,8 +254,9 @@ def serve(config: Config) -> int:
         db.close()
         raise
     keys = manager.key_count()
-    log.info("keyd ready", extra={"socket": str(running.socket_path), "keys": keys})
-    notify(f"READY=1\nSTATUS=serving {keys} keys on {running.socket_path}")
+    sockets = " and ".join(str(r.socket_path) for r in running)
+    log.info("keyd ready", extra={"socket": sockets, "keys": keys})
+    notify(f"READY=1\nSTATUS=serving {keys} keys on {sockets}")
     threading.Thread(target=manager.warm_up, name="keyd-warm-up", daemon=True).start()
     interval = watchdog_interval()
     if interval:
@@ -231,7 +269,8 @@ def serve(config: Config) -> int:
     grace = config.server.shutdown_grace_seconds
     log.info("stopping: draining in-flight requests", extra={"grace_seconds": grace})
     notify("STOPPING=1\nSTATUS=draining requests")
-    running.stop(grace)
+    for server in running:
+        server.stop(grace)
     manager.close()
     db.close()
     log.info("keyd stopped")

@@ -74,7 +74,7 @@ def server(short_tmp: Path) -> Iterator[tuple[Client, SlowBackend]]:
     )
     slow = SlowBackend()
     db, manager = open_manager(config, {"slow": slow})
-    running = start_server(manager, config)
+    (running,) = start_server(manager, config)
     try:
         with Client(config.server.socket, timeout=30) as client:
             yield client, slow

@@ -1,0 +1,74 @@
+"""The notary socket: callers on it reach only online keys of collections.
+
+This is keyd's half of "the Notary shim may only reach timestamp and snapshot keys":
+the daemon enforces it, whatever the caller on that socket asks for.
+"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keyd.client import Client, SignItem
+from keyd.core.keytypes import KeyType
+from keyd.errors import NotFound, PermissionDenied
+from tests.harness import Daemon
+
+MESSAGE = b"timestamp.json signed part"
+
+
+@pytest.fixture
+def daemon_with_notary_socket(short_tmp: Path) -> Iterator[Daemon]:
+    notary = short_tmp / "run" / "notary.sock"
+    d = Daemon(short_tmp, server_extra=f'notary_socket = "{notary}"')
+    d.init()
+    d.start()
+    yield d
+    assert d.stop() == 0, d.logs()
+
+
+def test_notary_socket_reaches_only_online_keys_of_collections(
+    daemon_with_notary_socket: Daemon,
+) -> None:
+    d = daemon_with_notary_socket
+    notary_path = d.socket.parent / "notary.sock"
+    assert stat.S_IMODE(notary_path.stat().st_mode) == 0o660
+    gun = "registry.example.com/app"
+    with d.client() as admin, Client(notary_path) as shim:
+        root = admin.create_key(KeyType.ECDSA_P256, role="root", collection=gun)
+        targets = admin.create_key(KeyType.ECDSA_P256, role="targets", collection=gun)
+        loose = admin.create_key(KeyType.ECDSA_P256, role="timestamp")  # no collection
+        timestamp = admin.create_key(KeyType.ECDSA_P256, role="timestamp", collection=gun)
+        snapshot = shim.create_key(KeyType.ED25519, role="snapshot", collection=gun)
+
+        assert {k.key_id for k in shim.list_keys()} == {timestamp.key_id, snapshot.key_id}
+        shim.sign(timestamp.key_id, MESSAGE)
+        shim.sign(snapshot.key_id, MESSAGE)
+        for hidden in (root, targets, loose):
+            with pytest.raises(NotFound, match="no key with ID"):
+                shim.get_key(hidden.key_id)
+            with pytest.raises(NotFound):
+                shim.sign(hidden.key_id, MESSAGE)
+            with pytest.raises(NotFound):
+                shim.delete_key(hidden.key_id)
+            admin.get_key(hidden.key_id)  # still there
+        items = [SignItem(root.key_id, MESSAGE), SignItem(timestamp.key_id, MESSAGE)]
+        results = list(shim.sign_batch(items))
+        assert isinstance(results[0], NotFound)
+        assert not isinstance(results[1], Exception)
+
+        with pytest.raises(PermissionDenied, match="snapshot or timestamp keys"):
+            shim.create_key(KeyType.ECDSA_P256, role="root", collection=gun)
+        with pytest.raises(PermissionDenied, match="needs a collection"):
+            shim.create_key(KeyType.ECDSA_P256, role="timestamp")
+        with pytest.raises(PermissionDenied, match="may not adopt"):
+            shim.adopt_key(backend="store", device_key_id="01")
+
+        shim.delete_key(snapshot.key_id)
+        with pytest.raises(NotFound):
+            admin.get_key(snapshot.key_id)
+        # The main socket is unrestricted.
+        assert len(admin.list_keys()) == 4
