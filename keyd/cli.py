@@ -126,6 +126,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(Config.load(args.config))
 
 
+def cmd_notary_signer(args: argparse.Namespace) -> int:
+    from keyd.notary.config import ShimConfig
+    from keyd.notary.shim import serve
+
+    return serve(ShimConfig.load(args.config))
+
+
 def _load_config_for_init(args: argparse.Namespace) -> Config:
     if args.config is not None:
         return Config.load(args.config)
@@ -429,6 +436,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the daemon in the foreground")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML configuration")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "notary-signer", help="serve Notary's signer API (mutual TLS) in front of keyd"
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=Path("/etc/keyd/notary-signer.toml"),
+        help="TOML configuration (see docs/notary.md)",
+    )
+    p.set_defaults(func=cmd_notary_signer)
 
     p = sub.add_parser("init", help="create the encrypted store and its secret")
     p.add_argument("--config", type=Path, default=None, help="take paths from this config")

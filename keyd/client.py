@@ -118,6 +118,11 @@ class Client:
             options=[
                 ("grpc.max_receive_message_length", _MAX_MESSAGE),
                 ("grpc.max_send_message_length", _MAX_MESSAGE),
+                # Long-lived clients (the Notary shim) find a restarted daemon within ~1 s
+                # rather than after gRPC's default backoff of up to two minutes.
+                ("grpc.initial_reconnect_backoff_ms", 100),
+                ("grpc.min_reconnect_backoff_ms", 100),
+                ("grpc.max_reconnect_backoff_ms", 1000),
             ],
         )
         self._keys = pb_grpc.KeyServiceStub(self._channel)

@@ -1,0 +1,244 @@
+"""`keyd notary-signer`: Notary's signer API, served in front of keyd.
+
+A stock notary-server talks to this process exactly as to Notary's own
+notary-signer (gRPC package `proto`, mutual TLS over TCP). It holds no keys: each
+call becomes one call to keyd on its notary socket, where the daemon lets it
+reach only online keys (timestamp, snapshot) of collections.
+
+Two behaviours matter to notary-server (../shared/reference/notary-signer.md):
+- any GetKeyInfo error for an existing key makes it mint a new key, so a call
+  that finds keyd unreachable waits (up to [keyd] wait_seconds) for it to return;
+- it checks the health of "grpc.health.v1.Health.KeyManagement" and
+  "...Signer" every 10 s: they follow keyd's reachability, checked every second.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent import futures
+from types import FrameType
+from typing import NoReturn, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from keyd.client import Client
+from keyd.core.keytypes import KeyType, SignatureEncoding
+from keyd.daemon import logs
+from keyd.daemon.notify import notify
+from keyd.errors import (
+    InvalidArgument,
+    KeydError,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    StartupError,
+    Unavailable,
+)
+from keyd.notary.config import ShimConfig
+from keyd.notary.wire import signer_pb2 as pb
+from keyd.notary.wire import signer_pb2_grpc as pb_grpc
+
+log = logging.getLogger("keyd.notary")
+
+T = TypeVar("T")
+
+# Notary's algorithm names for CreateKey; RSA is refused, as notary-signer does.
+ALGORITHMS = {"ecdsa": KeyType.ECDSA_P256, "ed25519": KeyType.ED25519}
+HEALTH_NAMES = ("", "grpc.health.v1.Health.KeyManagement", "grpc.health.v1.Health.Signer")
+# keyd's errors as notary-signer would answer them.
+_STATUS = (
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (PayloadTooLarge, grpc.StatusCode.INVALID_ARGUMENT),
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+)
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _key_info(key_id: str, key_type: KeyType) -> pb.KeyInfo:
+    return pb.KeyInfo(
+        keyID=pb.KeyID(ID=key_id), algorithm=pb.Algorithm(algorithm=key_type.notary_keytype)
+    )
+
+
+class Backend:
+    """keyd, as the shim uses it: every call waits a bounded time for an unreachable
+    daemon instead of failing at once."""
+
+    def __init__(self, client: Client, wait_seconds: float) -> None:
+        self.client = client
+        self._wait = wait_seconds
+
+    def call(self, fn: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self._wait
+        delay = 0.05
+        while True:
+            try:
+                return fn()
+            except Unavailable:
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+
+
+def _abort(context: grpc.ServicerContext, exc: KeydError) -> NoReturn:
+    for kind, code in _STATUS:
+        if isinstance(exc, kind):
+            context.abort(code, exc.message)
+    log.error("keyd failed a request", extra={"error": exc.message})
+    context.abort(grpc.StatusCode.INTERNAL, exc.message)
+    raise AssertionError("unreachable")  # pragma: no cover - abort raises
+
+
+class KeyManagement(pb_grpc.KeyManagementServicer):
+    def __init__(self, keyd: Backend) -> None:
+        self._keyd = keyd
+
+    def CreateKey(
+        self, request: pb.CreateKeyRequest, context: grpc.ServicerContext
+    ) -> pb.PublicKey:
+        key_type = ALGORITHMS.get(request.algorithm)
+        if key_type is None:
+            # notary-signer answers UNKNOWN for an algorithm it cannot create.
+            context.abort(
+                grpc.StatusCode.UNKNOWN,
+                f"algorithm {request.algorithm!r} is not supported; use ecdsa or ed25519",
+            )
+        try:
+            record = self._keyd.call(
+                lambda: self._keyd.client.create_key(
+                    key_type, role=request.role, collection=request.gun
+                )
+            )
+        except KeydError as exc:
+            _abort(context, exc)
+        log.info(
+            "key created",
+            extra={"key_id": record.key_id, "gun": request.gun, "role": request.role},
+        )
+        return pb.PublicKey(
+            keyInfo=_key_info(record.key_id, key_type), publicKey=record.public_key.notary_bytes
+        )
+
+    def GetKeyInfo(self, request: pb.KeyID, context: grpc.ServicerContext) -> pb.GetKeyInfoResponse:
+        try:
+            record = self._keyd.call(lambda: self._keyd.client.get_key(request.ID))
+        except KeydError as exc:
+            _abort(context, exc)
+        return pb.GetKeyInfoResponse(
+            keyInfo=_key_info(record.key_id, record.key_type),
+            publicKey=record.public_key.notary_bytes,
+            role=record.role,
+        )
+
+    def DeleteKey(self, request: pb.KeyID, context: grpc.ServicerContext) -> pb.Void:
+        try:
+            self._keyd.call(lambda: self._keyd.client.delete_key(request.ID))
+        except NotFound:
+            pass  # idempotent, as in notary-signer
+        except KeydError as exc:
+            _abort(context, exc)
+        return pb.Void()
+
+
+class Signer(pb_grpc.SignerServicer):
+    def __init__(self, keyd: Backend) -> None:
+        self._keyd = keyd
+
+    def Sign(self, request: pb.SignatureRequest, context: grpc.ServicerContext) -> pb.Signature:
+        key_id = request.keyID.ID
+        try:
+            # Notary wants ECDSA as raw r||s; clients reject DER.
+            sig = self._keyd.call(
+                lambda: self._keyd.client.sign(
+                    key_id, request.content, encoding=SignatureEncoding.RAW
+                )
+            )
+        except KeydError as exc:
+            _abort(context, exc)
+        return pb.Signature(
+            keyInfo=_key_info(sig.key_id, sig.key_type),
+            algorithm=pb.Algorithm(algorithm=sig.key_type.notary_method),
+            content=sig.signature,
+        )
+
+
+def _watch_keyd(
+    client: Client, servicer: health.HealthServicer, interval: float, stop: threading.Event
+) -> None:
+    serving: bool | None = None
+    while True:
+        try:
+            client.status()
+            now = True
+        except KeydError:
+            now = False
+        if now != serving:
+            for name in HEALTH_NAMES:
+                servicer.set(name, _SERVING if now else _NOT_SERVING)
+            log.info("keyd is reachable" if now else "keyd is unreachable; NOT_SERVING")
+            serving = now
+        if stop.wait(interval):
+            return
+
+
+def start(config: ShimConfig, stop: threading.Event) -> tuple[grpc.Server, Client]:
+    """Check the TLS files, listen, and start the health watcher."""
+    tls = config.read_tls()
+    client = Client(config.keyd_socket, timeout=max(config.health_interval_seconds, 1.0))
+    keyd = Backend(client, config.wait_seconds)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="notary"))
+    pb_grpc.add_KeyManagementServicer_to_server(KeyManagement(keyd), server)
+    pb_grpc.add_SignerServicer_to_server(Signer(keyd), server)
+    health_servicer = health.HealthServicer()
+    for name in HEALTH_NAMES:
+        health_servicer.set(name, _NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    credentials = grpc.ssl_server_credentials(
+        [(tls.key, tls.cert)], root_certificates=tls.client_ca, require_client_auth=True
+    )
+    try:
+        server.add_secure_port(config.address, credentials)
+    except RuntimeError as exc:
+        client.close()
+        raise StartupError(f"cannot listen on {config.address}: {exc}") from None
+    server.start()
+    threading.Thread(
+        target=_watch_keyd,
+        args=(client, health_servicer, config.health_interval_seconds, stop),
+        name="keyd-health",
+        daemon=True,
+    ).start()
+    return server, client
+
+
+def serve(config: ShimConfig) -> int:
+    """Run in the foreground until SIGTERM/SIGINT."""
+    logs.configure(config.log_level)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server, client = start(config, stop)
+    log.info(
+        "notary signer shim ready",
+        extra={"address": config.address, "keyd": str(config.keyd_socket)},
+    )
+    notify(f"READY=1\nSTATUS=serving Notary's signer API on {config.address}")
+    stop.wait()
+    notify("STOPPING=1")
+    server.stop(5).wait()
+    client.close()
+    log.info("notary signer shim stopped")
+    return 0
