@@ -42,41 +42,15 @@ def run_keyd(
     )
 
 
-class Daemon:
-    """A keyd process on a private socket, with its store and logs in `home`."""
+class KeydProcess:
+    """A `keyd` subcommand run in the foreground with NOTIFY_SOCKET, as systemd would.
+    Subclasses set `command`, `home`, `log_path` and `env`."""
 
-    def __init__(
-        self,
-        home: Path,
-        *,
-        server_extra: str = "",
-        store_extra: str = "",
-        extra: str = "",
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.home = home
-        self.home.mkdir(mode=0o700, exist_ok=True)
-        self.home.chmod(0o700)
-        self.socket = home / "run" / "keyd.sock"
-        self.store = home / "state" / "keyd.db"
-        self.secret = home / "secret" / "store.key"
-        self.config = home / "keyd.toml"
-        self.log_path = home / "keyd.log"
-        self.config.write_text(
-            "[server]\n"
-            f'socket = "{self.socket}"\n{server_extra}\n'
-            "[store]\n"
-            f'path = "{self.store}"\n'
-            f'secret_file = "{self.secret}"\n{store_extra}\n{extra}\n'
-        )
-        # Added to the daemon's environment (SOFTHSM2_CONF for SoftHSM tokens).
-        self.env = dict(env or {})
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def init(self) -> None:
-        result = run_keyd("init", "--config", str(self.config))
-        if result.returncode != 0:
-            raise RuntimeError(f"keyd init failed: {result.stderr}")
+    command: tuple[str, ...]
+    home: Path
+    log_path: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *, wait: bool = True, env: dict[str, str] | None = None) -> None:
         notify_path = Path(tempfile.mkdtemp(prefix="keyd-notify-")) / "notify.sock"
@@ -89,7 +63,7 @@ class Daemon:
         child_env.update(env or {})
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                keyd_command("serve", "--config", str(self.config)),
+                keyd_command(*self.command),
                 stderr=log,
                 stdout=subprocess.DEVNULL,
                 env=child_env,
@@ -118,9 +92,6 @@ class Daemon:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def client(self, timeout: float = 30.0) -> Client:
-        return Client(self.socket, timeout=timeout)
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None
@@ -153,3 +124,77 @@ class Daemon:
         self.proc.kill()
         self.proc.wait()
         self.stop()
+
+
+class Daemon(KeydProcess):
+    """A keyd process on a private socket, with its store and logs in `home`."""
+
+    def __init__(
+        self,
+        home: Path,
+        *,
+        server_extra: str = "",
+        store_extra: str = "",
+        extra: str = "",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.home = home
+        self.home.mkdir(mode=0o700, exist_ok=True)
+        self.home.chmod(0o700)
+        self.socket = home / "run" / "keyd.sock"
+        # The restricted socket for `keyd notary-signer` (see NotaryShim).
+        self.notary_socket = home / "run" / "notary.sock"
+        self.store = home / "state" / "keyd.db"
+        self.secret = home / "secret" / "store.key"
+        self.config = home / "keyd.toml"
+        self.log_path = home / "keyd.log"
+        self.config.write_text(
+            "[server]\n"
+            f'socket = "{self.socket}"\nnotary_socket = "{self.notary_socket}"\n'
+            f"{server_extra}\n"
+            "[store]\n"
+            f'path = "{self.store}"\n'
+            f'secret_file = "{self.secret}"\n{store_extra}\n{extra}\n'
+        )
+        # Added to the daemon's environment (SOFTHSM2_CONF for SoftHSM tokens).
+        self.env = dict(env or {})
+        self.command = ("serve", "--config", str(self.config))
+
+    def init(self) -> None:
+        result = run_keyd("init", "--config", str(self.config))
+        if result.returncode != 0:
+            raise RuntimeError(f"keyd init failed: {result.stderr}")
+
+    def client(self, timeout: float = 30.0) -> Client:
+        return Client(self.socket, timeout=timeout)
+
+
+class NotaryShim(KeydProcess):
+    """`keyd notary-signer` on 127.0.0.1:`port`, in front of a daemon's notary socket."""
+
+    def __init__(
+        self,
+        home: Path,
+        daemon: Daemon,
+        *,
+        port: int,
+        cert: Path,
+        key: Path,
+        client_ca: Path,
+        wait_seconds: float = 10.0,
+    ) -> None:
+        self.home = home
+        self.home.mkdir(mode=0o700, exist_ok=True)
+        self.port = port
+        self.config = home / "notary-signer.toml"
+        self.log_path = home / "notary-signer.log"
+        self.config.write_text(
+            "[listen]\n"
+            f'address = "127.0.0.1:{port}"\ncert = "{cert}"\nkey = "{key}"\n'
+            f'client_ca = "{client_ca}"\n'
+            "[keyd]\n"
+            f'socket = "{daemon.notary_socket}"\nwait_seconds = {wait_seconds}\n'
+            "health_interval_seconds = 0.5\n"
+        )
+        self.env = {}
+        self.command = ("notary-signer", "--config", str(self.config))

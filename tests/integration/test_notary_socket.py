@@ -7,8 +7,6 @@ the daemon enforces it, whatever the caller on that socket asks for.
 from __future__ import annotations
 
 import stat
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -20,21 +18,9 @@ from tests.harness import Daemon
 MESSAGE = b"timestamp.json signed part"
 
 
-@pytest.fixture
-def daemon_with_notary_socket(short_tmp: Path) -> Iterator[Daemon]:
-    notary = short_tmp / "run" / "notary.sock"
-    d = Daemon(short_tmp, server_extra=f'notary_socket = "{notary}"')
-    d.init()
-    d.start()
-    yield d
-    assert d.stop() == 0, d.logs()
-
-
-def test_notary_socket_reaches_only_online_keys_of_collections(
-    daemon_with_notary_socket: Daemon,
-) -> None:
-    d = daemon_with_notary_socket
-    notary_path = d.socket.parent / "notary.sock"
+def test_notary_socket_reaches_only_online_keys_of_collections(daemon: Daemon) -> None:
+    d = daemon
+    notary_path = d.notary_socket
     assert stat.S_IMODE(notary_path.stat().st_mode) == 0o660
     gun = "registry.example.com/app"
     with d.client() as admin, Client(notary_path) as shim:
