@@ -16,7 +16,7 @@ PY="$VENV/bin/python"
 
 # pyscard (pulled in by yubikey-manager) has no Linux wheel: it builds with swig, gcc and the
 # PC/SC headers. openssl verifies the demo's signature; systemd gives systemd-analyze to tests.
-DEB_PACKAGES=(python3 python3-venv python3-dev gcc swig libpcsclite-dev openssl systemd softhsm2 opensc)
+DEB_PACKAGES=(python3 python3-venv python3-dev gcc swig libpcsclite-dev openssl systemd softhsm2 opensc notary)
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 

@@ -58,11 +58,6 @@ KeyAlgorithm = Literal["ecdsa", "ed25519"]
 TUF_ROLES = ("root", "targets", "snapshot", "timestamp")
 
 
-def notary_installed() -> bool:
-    """Whether Debian's `notary` package (all three binaries) is installed."""
-    return all(p.exists() for p in (NOTARY, NOTARY_SERVER, NOTARY_SIGNER))
-
-
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (the OS picked it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -125,79 +120,83 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
-def _make_ca(
-    common_name: str, days: int
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
+Issuer = tuple[x509.Name, ec.EllipticCurvePrivateKey]
+_NO_OTHER_USAGE = {
+    "content_commitment": False,
+    "key_encipherment": False,
+    "data_encipherment": False,
+    "key_agreement": False,
+    "encipher_only": False,
+    "decipher_only": False,
+}
+
+
+def _issue(
+    subject: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: Issuer | None,
+    days: int,
+    extensions: list[tuple[x509.ExtensionType, bool]],
+) -> x509.Certificate:
+    """A certificate for `key`, self-signed when `issuer` is None."""
+    issuer_name, issuer_key = issuer or (subject, key)
     now = dt.datetime.now(dt.UTC)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(_name(common_name))
+        .subject_name(subject)
+        .issuer_name(issuer_name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )  # fmt: skip
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
     )
-    return cert, key
+    if issuer is not None:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key())
+        builder = builder.add_extension(aki, critical=False)
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _make_ca(common_name: str, days: int) -> tuple[x509.Certificate, Issuer]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    usage = x509.KeyUsage(
+        digital_signature=True, key_cert_sign=True, crl_sign=True, **_NO_OTHER_USAGE
+    )
+    cert = _issue(
+        _name(common_name),
+        key,
+        None,
+        days,
+        [(x509.BasicConstraints(ca=True, path_length=0), True), (usage, True)],
+    )
+    return cert, (cert.subject, key)
 
 
 def _make_leaf(
-    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    issuer: Issuer,
     common_name: str,
-    usage: x509.ObjectIdentifier,
+    purpose: x509.ObjectIdentifier,
     days: int,
     *,
     sans: bool,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    ca_cert, ca_key = issuer
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )  # fmt: skip
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
+    usage = x509.KeyUsage(
+        digital_signature=True, key_cert_sign=False, crl_sign=False, **_NO_OTHER_USAGE
     )
+    extensions: list[tuple[x509.ExtensionType, bool]] = [
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (usage, True),
+        (x509.ExtendedKeyUsage([purpose]), False),
+    ]
     if sans:
         # Go checks the signer's certificate against trust_service.hostname and
         # Python's ssl checks notary-server's against 127.0.0.1: both must be there.
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(IPv4Address(LOOPBACK))]
-            ),
-            critical=False,
-        )
-    return builder.sign(ca_key, hashes.SHA256()), key
+        names = [x509.DNSName("localhost"), x509.IPAddress(IPv4Address(LOOPBACK))]
+        extensions.append((x509.SubjectAlternativeName(names), False))
+    return _issue(_name(common_name), key, issuer, days, extensions), key
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> Path:
@@ -226,8 +225,8 @@ def make_pki(directory: Path, *, days: int = 7) -> Pki:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     directory.chmod(0o700)
     d = directory
-    ca = _make_ca("keyd test CA", days)
-    foreign = _make_ca("keyd test foreign CA", days)
+    ca_cert, ca = _make_ca("keyd test CA", days)
+    foreign_ca_cert, foreign = _make_ca("keyd test foreign CA", days)
     server_auth = ExtendedKeyUsageOID.SERVER_AUTH
     client_auth = ExtendedKeyUsageOID.CLIENT_AUTH
     signer = _make_leaf(ca, "notary-signer", server_auth, days, sans=True)
@@ -236,7 +235,7 @@ def make_pki(directory: Path, *, days: int = 7) -> Pki:
     foreign_client = _make_leaf(foreign, "notary-server client", client_auth, days, sans=False)
     return Pki(
         directory=d,
-        ca_cert=_write_cert(d / "ca.crt", ca[0]),
+        ca_cert=_write_cert(d / "ca.crt", ca_cert),
         ca_key=_write_key(d / "ca.key", ca[1]),
         signer_cert=_write_cert(d / "signer.crt", signer[0]),
         signer_key=_write_key(d / "signer.key", signer[1]),
@@ -244,7 +243,7 @@ def make_pki(directory: Path, *, days: int = 7) -> Pki:
         server_key=_write_key(d / "server.key", server[1]),
         client_cert=_write_cert(d / "client.crt", client[0]),
         client_key=_write_key(d / "client.key", client[1]),
-        foreign_ca_cert=_write_cert(d / "foreign-ca.crt", foreign[0]),
+        foreign_ca_cert=_write_cert(d / "foreign-ca.crt", foreign_ca_cert),
         foreign_ca_key=_write_key(d / "foreign-ca.key", foreign[1]),
         foreign_client_cert=_write_cert(d / "foreign-client.crt", foreign_client[0]),
         foreign_client_key=_write_key(d / "foreign-client.key", foreign_client[1]),
@@ -300,6 +299,8 @@ class _Service:
                 self.stop()
                 raise RuntimeError(f"{self.label} exited with {code}; log:\n{self.logs()}")
             try:
+                # A bare TCP probe: notary-server logs it as "TLS handshake error ...
+                # EOF", which is harmless.
                 with socket.create_connection((LOOPBACK, self.port), timeout=0.5):
                     return
             except OSError:
@@ -312,7 +313,9 @@ class _Service:
 
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL if it does not exit; returns the exit code (None if
-        it was not running). The directory stays until close()."""
+        it was not running). Notary's daemons do not trap SIGTERM, so a daemon that
+        was still up returns -SIGTERM. The directory (and log) stays until close();
+        start() again restarts on a port of choice (memory storage: keys are lost)."""
         if self.proc is None:
             return None
         proc, self.proc = self.proc, None
@@ -420,21 +423,27 @@ class NotaryServer(_Service):
     def url(self) -> str:
         return f"https://{self.address}"
 
-    def get(self, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
-        """GET `path` over HTTPS, trusting only the PKI's CA; (status, body)."""
-        context = ssl.create_default_context(cafile=str(self.pki.ca_cert))
-        conn = http.client.HTTPSConnection(LOOPBACK, self.port, timeout=timeout, context=context)
-        try:
-            conn.request("GET", path)
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
+    def get(self, path: str, *, ca: Path | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
+        """GET `path` over HTTPS, trusting only `ca` (default: the PKI's CA)."""
+        return https_get(self.port, path, ca or self.pki.ca_cert, timeout)
 
     def health(self) -> int:
         """HTTP status of /_notary_server/health: 200, or 503 once a periodic
         (10 s) health check of the signer has failed."""
         return self.get("/_notary_server/health")[0]
+
+
+def https_get(port: int, path: str, ca: Path, timeout: float = 10.0) -> tuple[int, bytes]:
+    """GET https://127.0.0.1:PORT/PATH trusting only `ca` (certificate and name are
+    checked); (status, body). Plain http.client: no proxy settings apply."""
+    context = ssl.create_default_context(cafile=str(ca))
+    conn = http.client.HTTPSConnection(LOOPBACK, port, timeout=timeout, context=context)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
 
 
 # ------------------------------------------------------------------------ client
@@ -583,33 +592,29 @@ def canonical_json(value: Any) -> bytes:
     return b"".join(out)
 
 
+_JSON_CONSTANTS: dict[object, bytes] = {None: b"null", True: b"true", False: b"false"}
+
+
 def _canonical(value: Any, out: list[bytes]) -> None:
-    if value is None:
-        out.append(b"null")
-    elif value is True:
-        out.append(b"true")
-    elif value is False:
-        out.append(b"false")
+    if value is None or isinstance(value, bool):  # before int: bool is an int
+        out.append(_JSON_CONSTANTS[value])
     elif isinstance(value, int):
         out.append(str(value).encode())
     elif isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        out.append(b'"' + escaped.encode() + b'"')
+        out.append(b'"' + value.replace("\\", "\\\\").replace('"', '\\"').encode() + b'"')
     elif isinstance(value, list | tuple):
         out.append(b"[")
         for i, item in enumerate(value):
-            if i:
-                out.append(b",")
+            out.append(b"," if i else b"")
             _canonical(item, out)
         out.append(b"]")
     elif isinstance(value, dict):
+        if not all(isinstance(key, str) for key in value):
+            raise TypeError("canonical JSON object keys must be strings")
         out.append(b"{")
-        # Go sorts keys by their UTF-8 bytes; Python's str order (code points) agrees.
+        # Go sorts keys by their UTF-8 bytes; Python's order (code points) agrees.
         for i, key in enumerate(sorted(value)):
-            if not isinstance(key, str):
-                raise TypeError(f"canonical JSON object keys must be strings, not {key!r}")
-            if i:
-                out.append(b",")
+            out.append(b"," if i else b"")
             _canonical(key, out)
             out.append(b":")
             _canonical(value[key], out)
@@ -620,9 +625,9 @@ def _canonical(value: Any, out: list[bytes]) -> None:
 
 def tuf_key_id(keytype: str, public: bytes) -> str:
     """Notary's key ID: SHA-256 of the canonical JSON of the public key, with
-    `"private": null` present."""
-    key = {"keytype": keytype, "keyval": {"private": None, "public": base64.b64encode(public)}}
-    key["keyval"]["public"] = base64.b64encode(public).decode()  # type: ignore[index]
+    `"private": null` present. `public` is the bytes base64-encoded in keyval."""
+    encoded = base64.b64encode(public).decode()
+    key = {"keytype": keytype, "keyval": {"private": None, "public": encoded}}
     return hashlib.sha256(canonical_json(key)).hexdigest()
 
 
@@ -637,9 +642,9 @@ class RoleSignatures:
     role: str
     version: int
     threshold: int
-    authorised: tuple[str, ...]  # key IDs root.json lists for the role
-    signed_by: tuple[str, ...]  # authorised key IDs whose signature verified
-    ignored: tuple[str, ...]  # signatures by key IDs not authorised for the role
+    authorised: tuple[str, ...]  # key IDs root.json gives the role
+    signed_by: tuple[str, ...]  # authorised key IDs whose signature verified, sorted
+    ignored: tuple[str, ...]  # key IDs of signatures by keys not authorised for the role
 
 
 @dataclass(frozen=True)
@@ -649,22 +654,25 @@ class VerifiedRepo:
     gun: str
     roles: Mapping[str, RoleSignatures]
     key_types: Mapping[str, str]  # key ID -> keytype, for every key in root.json
-    metadata: Mapping[str, Mapping[str, Any]]  # role -> the parsed file
+    metadata: Mapping[str, Mapping[str, Any]]  # role -> its parsed file
+    raw: Mapping[str, bytes]  # role -> the file's bytes as served
 
     def signed_by(self, role: str) -> tuple[str, ...]:
         return self.roles[role].signed_by
 
-    def role_key_types(self, role: str) -> set[str]:
+    def key_types_of(self, role: str) -> set[str]:
+        """Key types of the keys whose signatures on `role` verified."""
         return {self.key_types[k] for k in self.roles[role].signed_by}
 
     def target_names(self) -> list[str]:
         return sorted(self.metadata["targets"]["signed"]["targets"])
 
 
+PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey
 _SIGNATURE_METHOD = {"ecdsa": "ecdsa", "ecdsa-x509": "ecdsa", "ed25519": "eddsa"}
 
 
-def _public_key(keytype: str, public: bytes) -> ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey:
+def _public_key(keytype: str, public: bytes) -> PublicKey:
     if keytype == "ed25519":
         return ed25519.Ed25519PublicKey.from_public_bytes(public)
     if keytype == "ecdsa":
@@ -678,124 +686,122 @@ def _public_key(keytype: str, public: bytes) -> ec.EllipticCurvePublicKey | ed25
     return key
 
 
-def _signature_valid(
-    key: ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey, signature: bytes, message: bytes
-) -> bool:
+def _signature_valid(key: PublicKey, signature: bytes, message: bytes) -> bool:
     try:
         if isinstance(key, ed25519.Ed25519PublicKey):
-            key.verify(signature, message)
-        else:
-            # Notary's ECDSA signatures are raw r||s; DER would be rejected by clients.
-            if len(signature) != 64:
-                return False
-            der = utils.encode_dss_signature(
-                int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-            )
-            key.verify(der, message, ec.ECDSA(hashes.SHA256()))
+            key.verify(signature, message)  # pure Ed25519 over the canonical bytes
+            return True
+        # Notary's ECDSA signatures are raw r||s; clients reject DER, so do we.
+        if len(signature) != 64:
+            return False
+        r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+        key.verify(utils.encode_dss_signature(r, s), message, ec.ECDSA(hashes.SHA256()))
     except InvalidSignature:
         return False
     return True
 
 
-def _check_hashes(role: str, meta: Mapping[str, Any], name: str, raw: bytes) -> None:
-    entry = meta.get(name)
-    if entry is None:
-        raise RepositoryVerificationError(f"{role}.json does not describe {name}.json")
-    if entry.get("length") != len(raw):
-        raise RepositoryVerificationError(f"{role}.json has the wrong length for {name}.json")
-    for algorithm, expected in entry.get("hashes", {}).items():
-        actual = base64.b64encode(hashlib.new(algorithm, raw).digest()).decode()
-        if actual != expected:
-            raise RepositoryVerificationError(f"{role}.json has the wrong {algorithm} of {name}")
-    if not entry.get("hashes"):
-        raise RepositoryVerificationError(f"{role}.json has no hashes for {name}.json")
-
-
-def verify_repository(server: NotaryServer, gun: str, ca: Path | None = None) -> VerifiedRepo:
-    """Download the four top-level files of `gun` and verify them with
-    `cryptography` only.
-
-    Checked: every key ID in root.json is the ID its key hashes to; every file is of
-    its type, unexpired, and carries at least `threshold` valid signatures from the
-    keys root.json gives its role; a signature by an authorised key that does not
-    verify fails the check even if the threshold is met (a signer returning broken
-    signatures must not hide behind a good one); snapshot.json matches root.json and
-    targets.json byte for byte, timestamp.json matches snapshot.json.
-    """
-    context = ssl.create_default_context(cafile=str(ca or server.pki.ca_cert))
-    raw: dict[str, bytes] = {}
-    for role in TUF_ROLES:
-        path = f"/v2/{urllib.parse.quote(gun)}/_trust/tuf/{role}.json"
-        conn = http.client.HTTPSConnection(LOOPBACK, server.port, timeout=10, context=context)
-        try:
-            conn.request("GET", path)
-            response = conn.getresponse()
-            body = response.read()
-        finally:
-            conn.close()
-        if response.status != 200:
-            raise RepositoryVerificationError(f"GET {path}: HTTP {response.status} {body!r}")
-        raw[role] = body
-    docs: dict[str, dict[str, Any]] = {role: json.loads(raw[role]) for role in TUF_ROLES}
-
-    root = docs["root"]["signed"]
+def _root_keys(root: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, PublicKey]]:
+    """Key types and public keys of root.json, each key ID checked against its key."""
     key_types: dict[str, str] = {}
-    keys: dict[str, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey] = {}
+    keys: dict[str, PublicKey] = {}
     for key_id, key in root["keys"].items():
         public = base64.b64decode(key["keyval"]["public"], validate=True)
         if tuf_key_id(key["keytype"], public) != key_id:
             raise RepositoryVerificationError(f"root.json key {key_id} hashes to another ID")
         key_types[key_id] = key["keytype"]
         keys[key_id] = _public_key(key["keytype"], public)
+    return key_types, keys
 
-    now = dt.datetime.now(dt.UTC)
-    roles: dict[str, RoleSignatures] = {}
-    for role in TUF_ROLES:
-        signed = docs[role]["signed"]
-        if signed.get("_type", "").lower() != role:
-            raise RepositoryVerificationError(f"{role}.json has _type {signed.get('_type')!r}")
-        if dt.datetime.fromisoformat(signed["expires"]) <= now:
-            raise RepositoryVerificationError(f"{role}.json expired at {signed['expires']}")
-        spec = root["roles"][role]
-        authorised = tuple(spec["keyids"])
-        threshold = int(spec["threshold"])
-        if threshold < 1:
-            raise RepositoryVerificationError(f"root.json gives {role} threshold {threshold}")
-        message = canonical_json(signed)
-        valid: set[str] = set()
-        ignored: list[str] = []
-        for sig in docs[role]["signatures"]:
-            key_id = sig["keyid"]
-            if key_id not in authorised:
-                ignored.append(key_id)
-                continue
-            if key_id not in keys:
-                raise RepositoryVerificationError(f"{role} key {key_id} is not in root.json")
-            expected_method = _SIGNATURE_METHOD[key_types[key_id]]
-            signature = base64.b64decode(sig["sig"], validate=True)
-            if sig["method"] != expected_method or not _signature_valid(
-                keys[key_id], signature, message
-            ):
-                raise RepositoryVerificationError(
-                    f"{role}.json: signature by {key_id} ({key_types[key_id]}, method "
-                    f"{sig['method']!r}, {len(signature)} bytes) does not verify"
-                )
-            valid.add(key_id)
-        if len(valid) < threshold:
+
+def _verify_role(
+    role: str,
+    document: Mapping[str, Any],
+    root: Mapping[str, Any],
+    key_types: Mapping[str, str],
+    keys: Mapping[str, PublicKey],
+) -> RoleSignatures:
+    signed = document["signed"]
+    if str(signed.get("_type", "")).lower() != role:
+        raise RepositoryVerificationError(f"{role}.json has _type {signed.get('_type')!r}")
+    if dt.datetime.fromisoformat(signed["expires"]) <= dt.datetime.now(dt.UTC):
+        raise RepositoryVerificationError(f"{role}.json expired at {signed['expires']}")
+    authorised = tuple(root["roles"][role]["keyids"])
+    threshold = int(root["roles"][role]["threshold"])
+    if threshold < 1 or not set(authorised) <= keys.keys():
+        raise RepositoryVerificationError(f"root.json's {role} role is malformed")
+    message = canonical_json(signed)
+    valid: set[str] = set()
+    ignored: list[str] = []
+    for sig in document["signatures"]:
+        key_id = sig["keyid"]
+        if key_id not in authorised:
+            ignored.append(key_id)
+            continue
+        signature = base64.b64decode(sig["sig"], validate=True)
+        method_ok = sig["method"] == _SIGNATURE_METHOD[key_types[key_id]]
+        if not method_ok or not _signature_valid(keys[key_id], signature, message):
             raise RepositoryVerificationError(
-                f"{role}.json has {len(valid)} valid signatures, threshold is {threshold}"
+                f"{role}.json: the signature by {key_id} ({key_types[key_id]}, method "
+                f"{sig['method']!r}, {len(signature)} bytes) does not verify"
             )
-        roles[role] = RoleSignatures(
-            role=role,
-            version=int(signed["version"]),
-            threshold=threshold,
-            authorised=authorised,
-            signed_by=tuple(sorted(valid)),
-            ignored=tuple(ignored),
+        valid.add(key_id)
+    if len(valid) < threshold:
+        raise RepositoryVerificationError(
+            f"{role}.json has {len(valid)} valid signatures, its threshold is {threshold}"
         )
+    return RoleSignatures(
+        role=role,
+        version=int(signed["version"]),
+        threshold=threshold,
+        authorised=authorised,
+        signed_by=tuple(sorted(valid)),
+        ignored=tuple(ignored),
+    )
 
+
+def _check_hashes(role: str, meta: Mapping[str, Any], name: str, raw: bytes) -> None:
+    entry = meta.get(name)
+    if entry is None or not entry.get("hashes"):
+        raise RepositoryVerificationError(f"{role}.json does not describe {name}.json")
+    if entry.get("length") != len(raw):
+        raise RepositoryVerificationError(f"{role}.json has the wrong length of {name}.json")
+    for algorithm, expected in entry["hashes"].items():
+        actual = base64.b64encode(hashlib.new(algorithm, raw).digest()).decode()
+        if actual != expected:
+            raise RepositoryVerificationError(f"{role}.json has the wrong {algorithm} of {name}")
+
+
+def verify_repository(server: NotaryServer, gun: str, ca: Path | None = None) -> VerifiedRepo:
+    """Download the four top-level files of `gun` over HTTPS (trusting `ca`, by
+    default the server's PKI CA) and check them with verify_metadata()."""
+    raw: dict[str, bytes] = {}
+    for role in TUF_ROLES:
+        path = f"/v2/{urllib.parse.quote(gun)}/_trust/tuf/{role}.json"
+        status, body = server.get(path, ca=ca)
+        if status != 200:
+            raise RepositoryVerificationError(f"GET {path}: HTTP {status} {body[:200]!r}")
+        raw[role] = body
+    return verify_metadata(gun, raw)
+
+
+def verify_metadata(gun: str, raw: Mapping[str, bytes]) -> VerifiedRepo:
+    """Verify a repository's root, targets, snapshot and timestamp files (as served)
+    with `cryptography` only; raise RepositoryVerificationError on any fault.
+
+    Checked: every key ID in root.json is the ID its key hashes to; every file is of
+    its type, unexpired, and carries at least `threshold` valid signatures from the
+    keys root.json gives its role; a signature by an authorised key that does not
+    verify fails the check even when the threshold is met (a signer returning broken
+    signatures must not hide behind a good one); snapshot.json matches root.json and
+    targets.json byte for byte, and timestamp.json matches snapshot.json.
+    """
+    docs: dict[str, dict[str, Any]] = {role: json.loads(raw[role]) for role in TUF_ROLES}
+    root = docs["root"]["signed"]
+    key_types, keys = _root_keys(root)
+    roles = {role: _verify_role(role, docs[role], root, key_types, keys) for role in TUF_ROLES}
     snapshot_meta = docs["snapshot"]["signed"]["meta"]
     _check_hashes("snapshot", snapshot_meta, "root", raw["root"])
     _check_hashes("snapshot", snapshot_meta, "targets", raw["targets"])
     _check_hashes("timestamp", docs["timestamp"]["signed"]["meta"], "snapshot", raw["snapshot"])
-    return VerifiedRepo(gun=gun, roles=roles, key_types=key_types, metadata=docs)
+    return VerifiedRepo(gun=gun, roles=roles, key_types=key_types, metadata=docs, raw=dict(raw))

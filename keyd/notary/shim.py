@@ -27,7 +27,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from keyd.client import Client
-from keyd.core.keytypes import KeyType, SignatureEncoding
+from keyd.core.keytypes import KeyType
+from keyd.core.signing import der_to_raw
 from keyd.daemon import logs
 from keyd.daemon.notify import notify
 from keyd.errors import (
@@ -156,18 +157,18 @@ class Signer(pb_grpc.SignerServicer):
     def Sign(self, request: pb.SignatureRequest, context: grpc.ServicerContext) -> pb.Signature:
         key_id = request.keyID.ID
         try:
-            # Notary wants ECDSA as raw r||s; clients reject DER.
-            sig = self._keyd.call(
-                lambda: self._keyd.client.sign(
-                    key_id, request.content, encoding=SignatureEncoding.RAW
-                )
-            )
+            sig = self._keyd.call(lambda: self._keyd.client.sign(key_id, request.content))
         except KeydError as exc:
             _abort(context, exc)
+        signature = sig.signature
+        if sig.key_type.is_ecdsa:
+            # Notary wants raw r||s; its clients reject DER. (Asking keyd for RAW would
+            # need the key type first: Ed25519 has a single encoding.)
+            signature = der_to_raw(signature, sig.key_type)
         return pb.Signature(
             keyInfo=_key_info(sig.key_id, sig.key_type),
             algorithm=pb.Algorithm(algorithm=sig.key_type.notary_method),
-            content=sig.signature,
+            content=signature,
         )
 
 
