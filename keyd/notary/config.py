@@ -1,6 +1,7 @@
 """`keyd notary-signer` configuration (TOML), checked completely at start.
 
-[listen]  address = "127.0.0.1:7899", cert, key, client_ca   (mutual TLS, required)
+[listen]  address = "127.0.0.1:7899", cert, key, client_ca   (mutual TLS, required;
+          the key may come from the credential keyd-notary-signer.key instead)
 [keyd]    socket, wait_seconds, health_interval_seconds
 [log]     level
 
@@ -12,6 +13,7 @@ yet valid, stops the start.
 from __future__ import annotations
 
 import datetime
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,9 @@ from keyd.errors import ConfigError
 from keyd.secretfile import read_private_file
 
 DEFAULT_CONFIG = Path("/etc/keyd/notary-signer.toml")
-DEFAULT_KEYD_SOCKET = Path("/run/keyd/notary.sock")
+DEFAULT_KEYD_SOCKET = Path("/run/keyd-notary/notary.sock")
+# systemd credential holding the TLS key (LoadCredential=keyd-notary-signer.key:FILE).
+KEY_CREDENTIAL = "keyd-notary-signer.key"
 MAX_PEM_BYTES = 1024 * 1024
 
 
@@ -72,10 +76,18 @@ class ShimConfig:
         except _Problem as exc:
             raise ConfigError(f"{path}: {exc}") from None
 
+    def key_source(self) -> Path:
+        """The TLS key: the systemd credential first (LoadCredential=), then [listen] key."""
+        cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+        if cred_dir and (Path(cred_dir) / KEY_CREDENTIAL).exists():
+            return Path(cred_dir) / KEY_CREDENTIAL
+        return self.key
+
     def read_tls(self) -> TlsFiles:
         """Read and check the certificate, its key and the client CA."""
         cert_pem = _read(self.cert, "listen", "cert")
-        key_pem = read_private_file(self.key, "[listen] key", MAX_PEM_BYTES)
+        key_path = self.key_source()
+        key_pem = read_private_file(key_path, "[listen] key", MAX_PEM_BYTES)
         ca_pem = _read(self.client_ca, "listen", "client_ca")
         try:
             cert = x509.load_pem_x509_certificate(cert_pem)
@@ -85,7 +97,7 @@ class ShimConfig:
             key = serialization.load_pem_private_key(key_pem, password=None)
         except (ValueError, TypeError):
             raise ConfigError(
-                f"[listen] key: {self.key} is not an unencrypted PEM private key"
+                f"[listen] key: {key_path} is not an unencrypted PEM private key"
             ) from None
         try:
             x509.load_pem_x509_certificates(ca_pem)
@@ -93,7 +105,7 @@ class ShimConfig:
             raise ConfigError(f"[listen] client_ca: {self.client_ca} holds no PEM CA") from None
         spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
-            raise ConfigError(f"[listen] key: {self.key} is not the key of {self.cert}")
+            raise ConfigError(f"[listen] key: {key_path} is not the key of {self.cert}")
         now = datetime.datetime.now(datetime.UTC)
         if now > cert.not_valid_after_utc:
             raise ConfigError(
