@@ -403,6 +403,10 @@ def run(runs: int, seconds: float, parts: list[str]) -> Report:
             big_store(report, work, runs)
         if "verify" in parts:
             verify_cost(report, work, runs, seconds)
+        if "notary" in parts:
+            from benchmarks.notary import notary_vs_shim  # noqa: PLC0415 - imports core
+
+            notary_vs_shim(report, work, runs, seconds)
         if "pkcs11" in parts:
             from benchmarks.pkcs11 import token_signing  # noqa: PLC0415 - imports core
 

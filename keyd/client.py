@@ -107,6 +107,39 @@ def _signature(response: pb.SignResponse) -> Signature:
     )
 
 
+def translate_error(call: grpc.Call | grpc.aio.AioRpcError, socket: Path) -> KeydError:
+    """The KeydError for a failed call to keyd: the daemon's own error class when it
+    answered, Unavailable or PermissionDenied when it could not be reached."""
+    code = call.code()
+    details = call.details() or code.name
+    # grpcio's stubs type sync and aio metadata differently; both are (key, value) pairs.
+    metadata = typing.cast(tuple[tuple[str, str | bytes], ...], call.trailing_metadata() or ())
+    kind = next((str(v) for k, v in metadata if k == wire.ERROR_KIND_KEY), "")
+    if code is grpc.StatusCode.UNAVAILABLE and not kind and "Permission denied" in details:
+        return PermissionDenied(
+            f"permission denied on {socket}: your user must be in the socket's group "
+            "(keyd by default)"
+        )
+    if code is grpc.StatusCode.UNAVAILABLE and not kind:
+        return Unavailable(
+            f"cannot reach keyd at {socket}: is the daemon running? "
+            f"(set --socket or KEYD_SOCKET) [{details}]"
+        )
+    return wire.error_for(code, details, kind)
+
+
+# Channel options for every client of keyd's socket.
+CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", _MAX_MESSAGE),
+    ("grpc.max_send_message_length", _MAX_MESSAGE),
+    # Long-lived clients (the Notary shim) find a restarted daemon within ~1 s
+    # rather than after gRPC's default backoff of up to two minutes.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+
+
 class Client:
     def __init__(
         self, socket: str | os.PathLike[str] | None = None, *, timeout: float = 30.0
@@ -115,15 +148,7 @@ class Client:
         self.timeout = timeout
         self._channel = grpc.insecure_channel(
             f"unix:{self.socket}",
-            options=[
-                ("grpc.max_receive_message_length", _MAX_MESSAGE),
-                ("grpc.max_send_message_length", _MAX_MESSAGE),
-                # Long-lived clients (the Notary shim) find a restarted daemon within ~1 s
-                # rather than after gRPC's default backoff of up to two minutes.
-                ("grpc.initial_reconnect_backoff_ms", 100),
-                ("grpc.min_reconnect_backoff_ms", 100),
-                ("grpc.max_reconnect_backoff_ms", 1000),
-            ],
+            options=list(CHANNEL_OPTIONS),
         )
         self._keys = pb_grpc.KeyServiceStub(self._channel)
         self._signer = pb_grpc.SignServiceStub(self._channel)
@@ -144,21 +169,7 @@ class Client:
         self._channel.close()
 
     def _translate(self, error: grpc.RpcError) -> KeydError:
-        call = typing.cast(grpc.Call, error)
-        code = call.code()
-        details = call.details() or code.name
-        kind = dict(call.trailing_metadata() or ()).get(wire.ERROR_KIND_KEY, "")
-        if code is grpc.StatusCode.UNAVAILABLE and not kind and "Permission denied" in details:
-            return PermissionDenied(
-                f"permission denied on {self.socket}: your user must be in the socket's "
-                "group (keyd by default)"
-            )
-        if code is grpc.StatusCode.UNAVAILABLE and not kind:
-            return Unavailable(
-                f"cannot reach keyd at {self.socket}: is the daemon running? "
-                f"(set --socket or KEYD_SOCKET) [{details}]"
-            )
-        return wire.error_for(code, details, str(kind))
+        return translate_error(typing.cast(grpc.Call, error), self.socket)
 
     def _call(self, fn: Callable[..., T], request: object) -> T:
         try:
