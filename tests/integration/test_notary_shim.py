@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from keyd.core.keytypes import KeyType
+from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.notary.wire import signer_pb2 as pb
 from keyd.notary.wire import signer_pb2_grpc as pb_grpc
 from tests.harness import Daemon, NotaryShim, run_keyd
@@ -38,6 +38,7 @@ from tests.notary_rig import (
     make_pki,
     verify_repository,
 )
+from tests.verify import independent_verify
 
 GUN = "registry.example.com/team/app"
 
@@ -261,6 +262,48 @@ def test_wire_behaviour_matches_notary_signer(stack: Stack) -> None:
         assert other.value.code() is grpc.StatusCode.NOT_FOUND
     with stack.daemon.client() as keyd:
         keyd.get_key(root.key_id)  # untouched
+
+
+def test_concurrent_signs_share_batches_and_keep_their_own_results(stack: Stack) -> None:
+    """16 callers through the shim's coalescing: every caller gets its own signature
+    (verified here) or its own error, never another caller's."""
+    with stack.daemon.client() as keyd:
+        records = [
+            keyd.create_key(t, role="timestamp", collection=GUN)
+            for t in (KeyType.ECDSA_P256, KeyType.ED25519)
+        ]
+    failures: list[BaseException] = []
+
+    def caller(n: int) -> None:
+        record = records[n % 2]
+        try:
+            with stack.channel() as channel:
+                signer = pb_grpc.SignerStub(channel)
+                for i in range(30):
+                    content = f"caller {n} item {i}".encode()
+                    if i % 7 == 3:  # an unknown key in the middle of the traffic
+                        unknown = pb.KeyID(ID=f"{n:02x}" * 32)
+                        with pytest.raises(grpc.RpcError) as missing:
+                            signer.Sign(pb.SignatureRequest(keyID=unknown, content=content))
+                        assert missing.value.code() is grpc.StatusCode.NOT_FOUND
+                        continue
+                    request = pb.SignatureRequest(keyID=pb.KeyID(ID=record.key_id), content=content)
+                    sig = signer.Sign(request).content
+                    raw = (
+                        SignatureEncoding.RAW
+                        if record.key_type.is_ecdsa
+                        else SignatureEncoding.NATIVE
+                    )
+                    independent_verify(record, sig, content, raw)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:3]
 
 
 def test_client_certificate_from_another_ca_is_rejected(stack: Stack) -> None:
