@@ -52,8 +52,16 @@ def prepare_socket_path(path: Path) -> None:
     """Make sure binding `path` harms nothing: refuse a live server, clear a stale socket."""
     parent = path.parent
     if not parent.exists():
-        parent.mkdir(mode=0o750, parents=True)
-        parent.chmod(0o750)  # the umask (077) would leave the group out
+        try:
+            parent.mkdir(mode=0o750, parents=True)
+            parent.chmod(0o750)  # the umask (077) would leave the group out
+        except OSError as exc:
+            raise StartupError(
+                f"cannot create socket directory {parent}: {exc.strerror}. Under systemd it "
+                "comes from RuntimeDirectory= or keyd.tmpfiles.conf (systemd-tmpfiles --create)"
+            ) from None
+    if not parent.is_dir():
+        raise StartupError(f"socket directory {parent} is not a directory")
     st = parent.stat()
     if st.st_mode & 0o007:
         raise StartupError(

@@ -205,6 +205,19 @@ def test_world_accessible_socket_directory_is_refused(daemon_home: Path) -> None
     _fails_to_start(d, "is open to all users (mode 0755)")
 
 
+def test_socket_directory_that_cannot_exist_is_a_clear_error(daemon_home: Path) -> None:
+    d = Daemon(daemon_home)
+    d.init()
+    blocker = daemon_home / "blocker"
+    blocker.write_text("a file where a directory should be")
+    text = d.config.read_text().replace(str(d.notary_socket), str(blocker / "sub" / "n.sock"))
+    d.config.write_text(text)
+    _fails_to_start(d, f"cannot create socket directory {blocker / 'sub'}: Not a directory")
+    d.config.write_text(text.replace(str(blocker / "sub" / "n.sock"), str(blocker / "n.sock")))
+    _fails_to_start(d, f"socket directory {blocker} is not a directory")
+    assert blocker.read_text() == "a file where a directory should be"
+
+
 def test_wrong_store_secret_refuses_to_start_and_store_is_untouched(daemon_home: Path) -> None:
     d = Daemon(daemon_home)
     d.init()
