@@ -255,9 +255,10 @@ class KeyManager:
         check_role(role)
         check_collection(collection)
         checked_labels = check_labels(labels or {})
-        chosen = self._backend(backend)
         if self._scope is not None:
-            self._scope.check_create(chosen.name, role, collection)
+            # Before resolving the name: an unknown-backend error lists every backend.
+            self._scope.check_create(backend, role, collection)
+        chosen = self._backend(backend)
         generated = chosen.generate(key_type)
         record = self._record(chosen, generated, role, collection, checked_labels)
         log.info(
@@ -345,10 +346,9 @@ class KeyManager:
 
     def sign(self, key_id: str, data: SignInput, encoding: SignatureEncoding) -> Signature:
         self._check_size(data)
-        plan = self._get_plan(key_id, encoding)
         if self._scope is not None:
-            self._visible(plan.record)
-        return plan.sign_one(data)
+            self.get(key_id)  # first: a hidden key's state or backend must not show
+        return self._get_plan(key_id, encoding).sign_one(data)
 
     def _check_size(self, data: SignInput) -> None:
         size = len(data.payload)
@@ -376,9 +376,9 @@ class KeyManager:
             groups.setdefault((item.key_id, item.encoding, item.data.prehashed), []).append(i)
         for (key_id, encoding, prehashed), indices in groups.items():
             try:
-                plan = self._get_plan(key_id, encoding)
                 if self._scope is not None:
-                    self._visible(plan.record)
+                    self.get(key_id)
+                plan = self._get_plan(key_id, encoding)
                 results = plan.sign([items[i].data for i in indices], prehashed=prehashed)
             except KeydError as exc:
                 results = [exc] * len(indices)
@@ -430,11 +430,17 @@ class KeyManager:
             backend.close()
 
     def key_count(self) -> int:
+        if self._scope is not None:
+            return len(self.select(KeySelector()))
         return len(self._catalog)
 
     def health(self) -> list[tuple[BackendHealth, int]]:
+        """Each backend's health and key count; a scoped view sees its backends only
+        (a token's label and serial are none of the notary socket's business)."""
         result = []
         for name, backend in sorted(self._backends.items()):
+            if self._scope is not None and name not in self._scope.backends:
+                continue
             try:
                 health = backend.health()
             except KeydError as exc:

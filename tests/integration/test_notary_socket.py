@@ -53,6 +53,13 @@ def test_notary_socket_reaches_only_online_keys_of_collections(daemon: Daemon) -
         with pytest.raises(PermissionDenied, match="may not adopt"):
             shim.adopt_key(backend="store", device_key_id="01")
 
+        # Status on the notary socket shows only what the socket can reach.
+        status = shim.status()
+        assert [b.name for b in status.backends] == ["store"]
+        assert status.keys == 2
+        with pytest.raises(PermissionDenied, match="may only create"):
+            shim.create_key(KeyType.ECDSA_P256, role="timestamp", collection=gun, backend="nope")
+
         shim.delete_key(snapshot.key_id)
         with pytest.raises(NotFound):
             admin.get_key(snapshot.key_id)
