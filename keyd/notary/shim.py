@@ -38,6 +38,7 @@ from keyd.core.signing import der_to_raw
 from keyd.daemon import logs
 from keyd.daemon.notify import notify
 from keyd.errors import (
+    Internal,
     InvalidArgument,
     KeydError,
     NotFound,
@@ -81,13 +82,14 @@ def _key_info(key_id: str, key_type: KeyType) -> pb.KeyInfo:
 
 
 class _Slot:
-    """One Sign request waiting in the Coalescer."""
+    """One Sign request in the Backend's coalescing queue."""
 
-    __slots__ = ("done", "event", "item", "outcome")
+    __slots__ = ("done", "event", "item", "lead", "outcome")
 
     def __init__(self, item: SignItem) -> None:
         self.item = item
         self.event = threading.Event()
+        self.lead = False  # set (under the lock) when this request is to send the next batch
         self.done = False
         self.outcome: Signature | KeydError | None = None
 
@@ -97,9 +99,10 @@ class Backend:
     daemon instead of failing at once, and concurrent signs share SignBatch calls.
 
     Coalescing without a dispatcher thread: a request that finds fewer than
-    BATCHES_IN_FLIGHT batches on their way becomes the leader and sends everything
-    queued (itself included); when its batch returns it hands the lead to the
-    oldest request still queued, if any. Followers just wait for their result."""
+    BATCHES_IN_FLIGHT batches on their way leads: it sends itself and whatever is
+    queued as one batch. When the batch returns, the leader hands the lead to the
+    oldest queued request, taking it off the queue so that no other batch can
+    include it; with nothing queued, the slot is given back."""
 
     def __init__(self, client: Client, wait_seconds: float) -> None:
         self.client = client
@@ -111,26 +114,27 @@ class Backend:
     def sign(self, key_id: str, content: bytes) -> Signature:
         slot = _Slot(SignItem(key_id, message=content))
         with self._lock:
-            self._queue.append(slot)
-            lead = self._in_flight < BATCHES_IN_FLIGHT
-            if lead:
+            if self._in_flight < BATCHES_IN_FLIGHT:
                 self._in_flight += 1
-        while True:
-            if lead:
-                self._send_batch()
-            slot.event.wait()
-            if slot.done:
-                break
-            slot.event.clear()  # woken to lead the next batch
-            lead = True
+                slot.lead = True
+            else:
+                self._queue.append(slot)
+        while not slot.done:
+            if slot.lead:
+                slot.lead = False
+                self._send_batch(slot)
+            else:
+                slot.event.wait()
+                slot.event.clear()
         if isinstance(slot.outcome, KeydError):
             raise slot.outcome
         assert slot.outcome is not None  # noqa: S101 - done implies an outcome
         return slot.outcome
 
-    def _send_batch(self) -> None:
+    def _send_batch(self, leader: _Slot) -> None:
         with self._lock:
-            batch = [self._queue.popleft() for _ in range(min(MAX_BATCH, len(self._queue)))]
+            rest = min(MAX_BATCH - 1, len(self._queue))
+            batch = [leader, *(self._queue.popleft() for _ in range(rest))]
         items = [slot.item for slot in batch]
         outcomes: list[Signature | KeydError]
         try:
@@ -139,13 +143,20 @@ class Backend:
             )
         except KeydError as exc:
             outcomes = [exc] * len(batch)
+        except Exception:  # a bug here must not leave the followers waiting forever
+            log.exception("signing a batch failed")
+            outcomes = []
+        if len(outcomes) != len(batch):
+            outcomes = [Internal("the shim could not sign; see its log")] * len(batch)
         for slot, outcome in zip(batch, outcomes, strict=True):
             slot.outcome = outcome
             slot.done = True
             slot.event.set()
         with self._lock:
             if self._queue:
-                self._queue[0].event.set()  # the oldest waiting request leads next
+                successor = self._queue.popleft()
+                successor.lead = True
+                successor.event.set()
             else:
                 self._in_flight -= 1
 

@@ -24,7 +24,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from keyd.client import Client
 from keyd.core.keytypes import KeyType, SignatureEncoding
+from keyd.errors import NotFound
+from keyd.notary.shim import Backend
 from keyd.notary.wire import signer_pb2 as pb
 from keyd.notary.wire import signer_pb2_grpc as pb_grpc
 from tests.harness import Daemon, NotaryShim, run_keyd
@@ -358,3 +361,35 @@ def test_bad_certificates_stop_the_start(stack: Stack) -> None:
     missing.write_text('[listen]\naddress = "127.0.0.1:1"\n')
     result = run_keyd("notary-signer", "--config", str(missing))
     assert "[listen] cert: is required" in result.stderr
+
+
+def test_coalescing_hands_every_result_back_and_frees_its_slots(daemon: Daemon) -> None:
+    """The shim's coalescer in this process, against a real daemon: 32 threads, every
+    signature checked against its own content, and no batch slot lost at the end."""
+    with daemon.client() as keyd:
+        record = keyd.create_key(KeyType.ED25519, role="snapshot", collection=GUN)
+    failures: list[BaseException] = []
+    with Client(daemon.notary_socket) as client:
+        backend = Backend(client, wait_seconds=5)
+
+        def caller(n: int) -> None:
+            try:
+                for i in range(40):
+                    content = f"{n}/{i}".encode()
+                    if i % 9 == 4:
+                        with pytest.raises(NotFound):
+                            backend.sign("cd" * 32, content)
+                        continue
+                    sig = backend.sign(record.key_id, content)
+                    independent_verify(record, sig.signature, content, sig.encoding)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                failures.append(exc)
+
+        threads = [threading.Thread(target=caller, args=(n,)) for n in range(32)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failures, failures[:3]
+        assert backend._in_flight == 0
+        assert not backend._queue
