@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from keyd import __version__, errors
-from keyd.config import DEFAULT_CONFIG, Config, SecretKind
+from keyd.config import DEFAULT_CONFIG, NOTARY_SIGNER_CONFIG, Config, SecretKind
 from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.core.model import KeyRecord
 from keyd.errors import InvalidArgument, KeydError, SecretError
@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config",
         type=Path,
-        default=Path("/etc/keyd/notary-signer.toml"),
+        default=NOTARY_SIGNER_CONFIG,
         help="TOML configuration (see docs/notary.md)",
     )
     p.set_defaults(func=cmd_notary_signer)

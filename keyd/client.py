@@ -29,7 +29,7 @@ from keyd import wire
 from keyd.config import DEFAULT_SOCKET
 from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.core.model import KeyRecord
-from keyd.errors import InvalidArgument, KeydError, PermissionDenied, Unavailable
+from keyd.errors import InvalidArgument, KeydError, PermissionDenied, Unreachable
 from keyd.v1 import keyd_pb2 as pb
 from keyd.v1 import keyd_pb2_grpc as pb_grpc
 
@@ -121,7 +121,7 @@ def translate_error(call: grpc.Call | grpc.aio.AioRpcError, socket: Path) -> Key
             "(keyd by default)"
         )
     if code is grpc.StatusCode.UNAVAILABLE and not kind:
-        return Unavailable(
+        return Unreachable(
             f"cannot reach keyd at {socket}: is the daemon running? "
             f"(set --socket or KEYD_SOCKET) [{details}]"
         )

@@ -23,6 +23,7 @@ from typing import Any
 from keyd.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/keyd/keyd.toml")
+NOTARY_SIGNER_CONFIG = Path("/etc/keyd/notary-signer.toml")
 DEFAULT_SOCKET = Path("/run/keyd/keyd.sock")
 DEFAULT_STORE = Path("/var/lib/keyd/keyd.db")
 CREDENTIAL_NAME = "keyd-store-key"
@@ -79,8 +80,10 @@ class ServerConfig:
         if self.notary_socket is not None:
             if len(bytes(self.notary_socket)) > _SUN_PATH_MAX:
                 _fail("server", "notary_socket", f"is longer than {_SUN_PATH_MAX} bytes")
-            if self.notary_socket == self.socket:
-                _fail("server", "notary_socket", "must differ from socket")
+            if self.notary_socket.parent == self.socket.parent:
+                # Whoever may enter the directory to reach the notary socket could
+                # reach the main one too, if its group allowed.
+                _fail("server", "notary_socket", "must be in another directory than socket")
         _check_range("server", "workers", self.workers, 0, 1024)
         _check_range("server", "max_concurrent_rpcs", self.max_concurrent_rpcs, 1, 65536)
         _check_range("server", "max_payload_bytes", self.max_payload_bytes, 1, 64 * 1024 * 1024)

@@ -43,6 +43,10 @@ class Unavailable(KeydError):
     """A backend, device or the daemon itself cannot be reached right now; retry later."""
 
 
+class Unreachable(Unavailable):
+    """The client could not reach keyd at all (nothing was done): safe to retry."""
+
+
 class ResourceExhausted(KeydError):
     """Too many requests in flight for a backend, or a message over the transport limit."""
 

@@ -143,7 +143,7 @@ class Daemon(KeydProcess):
         self.home.chmod(0o700)
         self.socket = home / "run" / "keyd.sock"
         # The restricted socket for `keyd notary-signer` (see NotaryShim).
-        self.notary_socket = home / "run" / "notary.sock"
+        self.notary_socket = home / "notary" / "notary.sock"
         self.store = home / "state" / "keyd.db"
         self.secret = home / "secret" / "store.key"
         self.config = home / "keyd.toml"

@@ -15,7 +15,8 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from keyd.notary.config import DEFAULT_CONFIG, DEFAULT_KEYD_SOCKET, KEY_CREDENTIAL, ShimConfig
+from keyd.config import NOTARY_SIGNER_CONFIG as DEFAULT_CONFIG
+from keyd.notary.config import DEFAULT_KEYD_SOCKET, KEY_CREDENTIAL, ShimConfig
 from tests.systemd_tools import (
     KEYD_BINARY,
     MAX_EXPOSURE,

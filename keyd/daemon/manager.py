@@ -6,10 +6,12 @@ either completes or leaves nothing behind (no catalog row without its key).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -259,7 +261,8 @@ class KeyManager:
             # Before resolving the name: an unknown-backend error lists every backend.
             self._scope.check_create(backend, role, collection)
         chosen = self._backend(backend)
-        generated = chosen.generate(key_type)
+        with self._limited(chosen):
+            generated = chosen.generate(key_type)
         record = self._record(chosen, generated, role, collection, checked_labels)
         log.info(
             "key created",
@@ -283,7 +286,8 @@ class KeyManager:
         check_collection(collection)
         checked_labels = check_labels(labels or {})
         chosen = self._backend(backend)
-        generated = chosen.adopt(ref)
+        with self._limited(chosen):
+            generated = chosen.adopt(ref)
         record = self._record(chosen, generated, role, collection, checked_labels, adopted=True)
         log.info("key adopted", extra={"key_id": record.key_id, "backend": chosen.name})
         return record
@@ -315,6 +319,10 @@ class KeyManager:
                 _best_effort_discard(chosen, record)
             raise
 
+    def _limited(self, backend: Backend) -> AbstractContextManager[None]:
+        """A device's in-flight limit, for management calls as for signing."""
+        return self._limits.get(backend.name) or contextlib.nullcontext()
+
     def get(self, key_id: str) -> KeyRecord:
         return self._visible(self._catalog.get(check_key_id(key_id)))
 
@@ -324,7 +332,8 @@ class KeyManager:
         backend = self._backends.get(record.backend)
         if backend is None:
             return record, {"device_status": f"backend {record.backend!r} is not configured"}
-        return record, backend.describe(record)
+        with self._limited(backend):
+            return record, backend.describe(record)
 
     def select(self, selector: KeySelector) -> list[KeyRecord]:
         records = self._catalog.select(selector)
@@ -449,7 +458,11 @@ class KeyManager:
                 # One backend's bug must not hide the others' status.
                 log.exception("health check failed", extra={"backend": name})
                 health = BackendHealth(name, False, "health check failed; see the log", "error")
-            result.append((health, self._catalog.count(name)))
+            if self._scope is None:
+                count = self._catalog.count(name)
+            else:
+                count = len(self.select(KeySelector(backend=name)))
+            result.append((health, count))
         return result
 
 

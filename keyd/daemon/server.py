@@ -111,6 +111,9 @@ class RunningServer:
     def stop(self, grace: float) -> None:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        self.remove_socket()
+
+    def remove_socket(self) -> None:
         try:
             if self.socket_path.lstat().st_ino == self.socket_inode:
                 self.socket_path.unlink()
@@ -277,8 +280,14 @@ def serve(config: Config) -> int:
     grace = config.server.shutdown_grace_seconds
     log.info("stopping: draining in-flight requests", extra={"grace_seconds": grace})
     notify("STOPPING=1\nSTATUS=draining requests")
+    # Both sockets stop taking calls at once, then drain within one grace period.
     for server in running:
-        server.stop(grace)
+        server.health.enter_graceful_shutdown()
+    events = [server.server.stop(grace) for server in running]
+    for event in events:
+        event.wait()
+    for server in running:
+        server.remove_socket()
     manager.close()
     db.close()
     log.info("keyd stopped")

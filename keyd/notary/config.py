@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,6 @@ from keyd.config import LogLevel
 from keyd.errors import ConfigError
 from keyd.secretfile import read_private_file
 
-DEFAULT_CONFIG = Path("/etc/keyd/notary-signer.toml")
 DEFAULT_KEYD_SOCKET = Path("/run/keyd-notary/notary.sock")
 # systemd credential holding the TLS key (LoadCredential=keyd-notary-signer.key:FILE).
 KEY_CREDENTIAL = "keyd-notary-signer.key"
@@ -38,8 +37,8 @@ class TlsFiles:
     """The PEM bytes read at start (the key file is checked like any secret file)."""
 
     cert: bytes
-    key: bytes
-    client_ca: bytes
+    key: bytes = field(repr=False)
+    client_ca: bytes = b""
 
 
 @dataclass(frozen=True)

@@ -38,14 +38,18 @@ from keyd.core.signing import der_to_raw
 from keyd.daemon import logs
 from keyd.daemon.notify import notify
 from keyd.errors import (
+    AlreadyExists,
+    FailedPrecondition,
     Internal,
     InvalidArgument,
     KeydError,
     NotFound,
     PayloadTooLarge,
     PermissionDenied,
+    ResourceExhausted,
     StartupError,
     Unavailable,
+    Unreachable,
 )
 from keyd.notary.config import ShimConfig
 from keyd.notary.wire import signer_pb2 as pb
@@ -69,8 +73,13 @@ _STATUS = (
     (PayloadTooLarge, grpc.StatusCode.INVALID_ARGUMENT),
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
 )
+# A request to keyd may take this long (the shim's health checks use a short deadline).
+REQUEST_TIMEOUT = 30.0
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -82,7 +91,7 @@ def _key_info(key_id: str, key_type: KeyType) -> pb.KeyInfo:
 
 
 class _Slot:
-    """One Sign request in the Backend's coalescing queue."""
+    """One Sign request in the KeydGateway's coalescing queue."""
 
     __slots__ = ("done", "event", "item", "lead", "outcome")
 
@@ -94,7 +103,7 @@ class _Slot:
         self.outcome: Signature | KeydError | None = None
 
 
-class Backend:
+class KeydGateway:
     """keyd, as the shim uses it: every call waits a bounded time for an unreachable
     daemon instead of failing at once, and concurrent signs share SignBatch calls.
 
@@ -166,7 +175,9 @@ class Backend:
         while True:
             try:
                 return fn()
-            except Unavailable:
+            except Unreachable:
+                # Only when keyd was not reached at all: a call that timed out may have
+                # been done (a second CreateKey would leave an orphan key).
                 if time.monotonic() + delay > deadline:
                     raise
                 time.sleep(delay)
@@ -183,7 +194,7 @@ def _abort(context: grpc.ServicerContext, exc: KeydError) -> NoReturn:
 
 
 class KeyManagement(pb_grpc.KeyManagementServicer):
-    def __init__(self, keyd: Backend) -> None:
+    def __init__(self, keyd: KeydGateway) -> None:
         self._keyd = keyd
 
     def CreateKey(
@@ -234,7 +245,7 @@ class KeyManagement(pb_grpc.KeyManagementServicer):
 
 
 class Signer(pb_grpc.SignerServicer):
-    def __init__(self, keyd: Backend) -> None:
+    def __init__(self, keyd: KeydGateway) -> None:
         self._keyd = keyd
 
     def Sign(self, request: pb.SignatureRequest, context: grpc.ServicerContext) -> pb.Signature:
@@ -273,11 +284,13 @@ def _watch_keyd(
             return
 
 
-def start(config: ShimConfig, stop: threading.Event) -> tuple[grpc.Server, Client]:
+def start(config: ShimConfig, stop: threading.Event) -> tuple[grpc.Server, list[Client]]:
     """Check the TLS files, listen, and start the health watcher."""
     tls = config.read_tls()
-    client = Client(config.keyd_socket, timeout=max(config.health_interval_seconds, 1.0))
-    keyd = Backend(client, config.wait_seconds)
+    client = Client(config.keyd_socket, timeout=REQUEST_TIMEOUT)
+    health_client = Client(config.keyd_socket, timeout=max(config.health_interval_seconds, 1.0))
+    clients = [client, health_client]
+    keyd = KeydGateway(client, config.wait_seconds)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="notary")
     )
@@ -293,16 +306,17 @@ def start(config: ShimConfig, stop: threading.Event) -> tuple[grpc.Server, Clien
     try:
         server.add_secure_port(config.address, credentials)
     except RuntimeError as exc:
-        client.close()
+        for c in clients:
+            c.close()
         raise StartupError(f"cannot listen on {config.address}: {exc}") from None
     server.start()
     threading.Thread(
         target=_watch_keyd,
-        args=(client, health_servicer, config.health_interval_seconds, stop),
+        args=(health_client, health_servicer, config.health_interval_seconds, stop),
         name="keyd-health",
         daemon=True,
     ).start()
-    return server, client
+    return server, clients
 
 
 def serve(config: ShimConfig) -> int:
@@ -315,7 +329,7 @@ def serve(config: ShimConfig) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server, client = start(config, stop)
+    server, clients = start(config, stop)
     log.info(
         "notary signer shim ready",
         extra={"address": config.address, "keyd": str(config.keyd_socket)},
@@ -324,6 +338,7 @@ def serve(config: ShimConfig) -> int:
     stop.wait()
     notify("STOPPING=1")
     server.stop(5).wait()
-    client.close()
+    for client in clients:
+        client.close()
     log.info("notary signer shim stopped")
     return 0

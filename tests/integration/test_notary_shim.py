@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from keyd.client import Client
 from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.errors import NotFound
-from keyd.notary.shim import Backend
+from keyd.notary.shim import KeydGateway
 from keyd.notary.wire import signer_pb2 as pb
 from keyd.notary.wire import signer_pb2_grpc as pb_grpc
 from tests.harness import Daemon, NotaryShim, run_keyd
@@ -370,7 +370,7 @@ def test_coalescing_hands_every_result_back_and_frees_its_slots(daemon: Daemon) 
         record = keyd.create_key(KeyType.ED25519, role="snapshot", collection=GUN)
     failures: list[BaseException] = []
     with Client(daemon.notary_socket) as client:
-        backend = Backend(client, wait_seconds=5)
+        backend = KeydGateway(client, wait_seconds=5)
 
         def caller(n: int) -> None:
             try:

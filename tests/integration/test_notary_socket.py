@@ -57,6 +57,7 @@ def test_notary_socket_reaches_only_online_keys_of_collections(daemon: Daemon) -
         status = shim.status()
         assert [b.name for b in status.backends] == ["store"]
         assert status.keys == 2
+        assert status.backends[0].keys == 2  # not the 5 store keys the daemon has
         with pytest.raises(PermissionDenied, match="may only create"):
             shim.create_key(KeyType.ECDSA_P256, role="timestamp", collection=gun, backend="nope")
 

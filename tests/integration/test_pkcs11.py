@@ -317,6 +317,22 @@ def test_adopt_refuses_extractable_and_unknown_keys(shared_rig: Rig, client: Cli
         pub_y[Attribute.ID] = b"\xdd\x01"
     with pytest.raises(FailedPrecondition, match="does not belong to the private key"):
         client.adopt_key(backend="pkcs11", device_key_id="dd01")
+    # Usable without a login, or not the only key with its CKA_ID: refused.
+    with open_token(shared_rig, "keyd-test") as session:
+        public_login_free = {Attribute.PRIVATE: False, **private_only}
+        session.generate_keypair(
+            pkcs11.KeyType.EC, store=True, id=b"\xdd\x03", label="no-login",
+            public_template=ec_params, private_template=public_login_free,
+        )  # fmt: skip
+        for label in ("twin-a", "twin-b"):
+            session.generate_keypair(
+                pkcs11.KeyType.EC, store=True, id=b"\xdd\x04", label=label,
+                public_template=ec_params, private_template=private_only,
+            )  # fmt: skip
+    with pytest.raises(FailedPrecondition, match="without the PIN"):
+        client.adopt_key(backend="pkcs11", device_label="no-login")
+    with pytest.raises(FailedPrecondition, match="shares it with another private key"):
+        client.adopt_key(backend="pkcs11", device_label="twin-a")
     with pytest.raises(InvalidArgument, match="no private key"):
         client.adopt_key(backend="pkcs11", device_key_id="0badc0de")
     with pytest.raises(InvalidArgument, match="not hex"):
@@ -360,6 +376,25 @@ def test_delete_forgets_but_keeps_the_key_on_the_token(shared_rig: Rig, client: 
     again = client.adopt_key(backend="pkcs11", device_key_id=record.location["cka_id"])
     assert again.key_id == record.key_id
     client.sign(again.key_id, MESSAGE)
+
+
+def test_key_deleted_outside_keyd_is_a_clear_error_without_relogging(
+    shared_rig: Rig, client: Client
+) -> None:
+    record = client.create_key(KeyType.ECDSA_P256, backend="pkcs11")
+    client.sign(record.key_id, MESSAGE)
+    with open_token(shared_rig, "keyd-test") as session:
+        for obj in session.get_objects({Attribute.ID: bytes.fromhex(record.location["cka_id"])}):
+            obj.destroy()
+    assert shared_rig.daemon is not None
+    lost_before = shared_rig.daemon.logs().count("token connection lost")
+    for _ in range(5):
+        with pytest.raises(FailedPrecondition, match="deleted outside keyd"):
+            client.sign(record.key_id, MESSAGE)
+    # The token still answers, so keyd believes it: no logout and login per request
+    # (one reconnect at most, when a pooled session's cached handle went stale).
+    assert shared_rig.daemon.logs().count("token connection lost") - lost_before <= 1
+    client.delete_key(record.key_id)
 
 
 def test_keys_survive_a_restart(rig: Rig) -> None:

@@ -178,7 +178,23 @@ class Pkcs11Backend(Backend):
                     f"the key with {wanted} can leave the token (CKA_EXTRACTABLE true or "
                     "CKA_SENSITIVE false); keyd adopts only keys that cannot"
                 )
+            if not private[Attribute.PRIVATE]:
+                raise FailedPrecondition(
+                    f"the key with {wanted} can be used without the PIN (CKA_PRIVATE false); "
+                    "keyd adopts only keys that need a login"
+                )
             cka_id = bytes(private[Attribute.ID])
+            # keyd finds the key by CKA_ID alone from now on: it must name one key.
+            same_id = list(
+                ws.session.get_objects(
+                    {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.ID: cka_id}
+                )
+            )
+            if not cka_id or len(same_id) != 1:
+                raise FailedPrecondition(
+                    f"the key with {wanted} has an empty CKA_ID or shares it with another "
+                    "private key; give it a unique CKA_ID first"
+                )
             label = str(private[Attribute.LABEL])
             try:
                 public_obj = ws.session.get_key(object_class=ObjectClass.PUBLIC_KEY, id=cka_id)

@@ -80,7 +80,11 @@ def required_mechanisms(key_type: KeyType) -> tuple[Mechanism, ...]:
     if key_type is KeyType.ED25519:
         return (Mechanism.EC_EDWARDS_KEY_PAIR_GEN, Mechanism.EDDSA)
     if key_type is KeyType.RSA_3072:
-        return (Mechanism.RSA_PKCS_KEY_PAIR_GEN, Mechanism.RSA_PKCS_PSS)
+        return (
+            Mechanism.RSA_PKCS_KEY_PAIR_GEN,
+            Mechanism.RSA_PKCS_PSS,
+            Mechanism.SHA256_RSA_PKCS_PSS,
+        )
     return (Mechanism.EC_KEY_PAIR_GEN, Mechanism.ECDSA)
 
 

@@ -107,11 +107,13 @@ class Module:
 
     @classmethod
     def get(cls, path: Path) -> Module:
-        """The one Module per library path in this process."""
+        """The one Module per library in this process (a library reached through two
+        paths, a symlink, is still one: it can be initialised only once)."""
+        key = path.resolve()
         with cls._loaded_lock:
-            module = cls._loaded.get(path)
+            module = cls._loaded.get(key)
             if module is None:
-                module = cls._loaded[path] = cls(path)
+                module = cls._loaded[key] = cls(path)
             return module
 
     def _initialize_with_locking(self) -> None:

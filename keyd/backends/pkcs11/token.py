@@ -50,7 +50,6 @@ CONNECTION_LOST: tuple[type[Exception], ...] = (
     p11_errors.FunctionFailed,
 )
 SESSION_WAIT_SECONDS = 30.0
-_PIN_REFUSED = (p11_errors.PinIncorrect, p11_errors.PinLocked, p11_errors.PinExpired)
 _PIN_FLAGS = (TokenFlag.USER_PIN_COUNT_LOW, TokenFlag.USER_PIN_FINAL_TRY, TokenFlag.USER_PIN_LOCKED)
 
 
@@ -139,6 +138,8 @@ class _Connection:
         """Close the sessions; a stale connection (the module was reloaded since)
         only forgets them, since its handle numbers may belong to new sessions now."""
         with self._lock:
+            if self.lost:  # closed already: its handles may belong to new sessions now
+                return
             self.lost = True
             idle, self._idle = self._idle, []
         if stale:
@@ -202,8 +203,10 @@ class Token:
         self, conn: _Connection, operation: Callable[[WorkerSession], T], rw: bool, *, retry: bool
     ) -> T:
         with self._require_module().using() as generation:
-            if generation != conn.generation or conn.lost:
+            if generation != conn.generation:
                 raise _Lost("the module was reloaded")
+            if conn.lost:
+                raise _Lost("another request lost the connection")
             try:
                 session = WorkerSession(conn.token.open(rw=True)) if rw else conn.take()
             except CONNECTION_LOST as exc:
@@ -214,17 +217,26 @@ class Token:
                 session.close()
                 raise _Lost(type(exc).__name__) from None
             except p11_errors.NoSuchKey:
-                # A token that was swapped or removed shows no keys to a new session;
-                # look again once on a fresh connection before believing it.
                 self._release(conn, session, rw)
-                if retry:
-                    raise _Lost("key not found") from None
+                # A removed token shows no keys to a new session (SoftHSM); only a token
+                # that still answers is believed, else reconnect once. A key that is
+                # really missing must not log the whole token out on every request.
+                if retry and not self._answers(conn):
+                    raise _Lost("the token does not answer") from None
                 raise
             except BaseException:
                 self._release(conn, session, rw)
                 raise
             self._release(conn, session, rw)
             return result
+
+    @staticmethod
+    def _answers(conn: _Connection) -> bool:
+        try:
+            conn.token.slot.get_token()
+        except p11_errors.PKCS11Error:
+            return False
+        return True
 
     def check(self) -> None:
         """Probe the token (status requests): notice a removal, try to reconnect."""
@@ -313,26 +325,36 @@ class Token:
         except Unavailable:
             self.state = TokenState.ABSENT
             raise
-        token = self._find(module, reload_if_missing=True)
         try:
             pin = self._read_pin()
         except SecretError as exc:  # the PIN file changed since start; retried later
             raise Unavailable(f"{self.describe()}: cannot read its PIN: {exc.message}") from None
+        token, found_in = self._find(module, reload_if_missing=True)
         with module.using() as generation:
+            if generation != found_in:  # reloaded meanwhile: slot IDs may have changed
+                raise Unavailable(f"{self.describe()}: the module was reloaded; retry")
             facts = _facts(token)
+            # A session without the PIN first: failures here are the token's, and safe
+            # to retry. After that, any failure to log in counts as a refused PIN and is
+            # never retried (some modules report a wrong PIN as a general failure, and
+            # each try may cost one of the token's PIN attempts).
+            try:
+                probe = token.open()
+            except p11_errors.PKCS11Error as exc:
+                self.state = TokenState.ABSENT
+                raise Unavailable(
+                    f"{self.describe()} cannot open a session ({type(exc).__name__})"
+                ) from None
             try:
                 login = token.open(user_pin=pin)
             except p11_errors.UserAlreadyLoggedIn:
-                # Someone in this process already holds the login (a previous
-                # connection being closed): sessions without a PIN share it.
+                # A previous connection of this process still holds the login, which
+                # sessions without a PIN share.
                 login = token.open()
-            except _PIN_REFUSED as exc:
+            except p11_errors.PKCS11Error as exc:
+                with contextlib.suppress(p11_errors.PKCS11Error):
+                    probe.close()
                 return self._locked(token, facts, exc)
-            except CONNECTION_LOST as exc:
-                self.state = TokenState.ABSENT
-                raise Unavailable(
-                    f"{self.describe()} went away while logging in ({type(exc).__name__})"
-                ) from None
         self.facts = facts
         self.state = TokenState.CONNECTED
         self.detail = f"connected to token {facts.label!r}, serial {facts.serial}"
@@ -340,7 +362,9 @@ class Token:
             "token connected",
             extra={"token": self.name, "label": facts.label, "serial": facts.serial},
         )
-        return _Connection(token, login, generation)
+        conn = _Connection(token, login, generation)
+        conn.give(WorkerSession(probe), keep=self.config.sessions)
+        return conn
 
     def _locked(self, token: pkcs11.Token, facts: TokenFacts, exc: Exception) -> _Connection:
         with contextlib.suppress(p11_errors.PKCS11Error):
@@ -356,9 +380,10 @@ class Token:
         )
         raise FailedPrecondition(self._locked_message())
 
-    def _find(self, module: Module, *, reload_if_missing: bool) -> pkcs11.Token:
-        """The one token matching the configuration. Some modules (SoftHSM2) see a
-        token that came back only after a reload, so one reload is tried."""
+    def _find(self, module: Module, *, reload_if_missing: bool) -> tuple[pkcs11.Token, int]:
+        """The one token matching the configuration, and the module generation it was
+        found in. Some modules (SoftHSM2) see a token that came back only after a
+        reload, so one reload is tried."""
         with module.using() as generation:
             found: list[pkcs11.Token] = []
             error = ""
@@ -376,7 +401,7 @@ class Token:
                 raise Unavailable(f"{self.describe()} is not present: {exc.message}") from None
             return self._find(module, reload_if_missing=False)
         if len(matches) == 1:
-            return matches[0]
+            return matches[0], generation
         seen = ", ".join(
             f"{t.label.strip()!r} (serial {t.serial.decode('ascii', 'replace').strip()})"
             for t in found
