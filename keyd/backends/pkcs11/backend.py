@@ -108,10 +108,11 @@ class Pkcs11Backend(Backend):
         }
 
     def generate(self, key_type: KeyType) -> GeneratedKey:
-        cka_id = secrets.token_bytes(CKA_ID_BYTES)
         arguments = generation_arguments(key_type)
 
-        def create(ws: WorkerSession) -> tuple[PublicKey, str]:
+        def create(ws: WorkerSession) -> tuple[PublicKey, bytes, str]:
+            # Drawn per attempt: a retried generation never makes two keys with one ID.
+            cka_id = secrets.token_bytes(CKA_ID_BYTES)
             available = set(ws.session.token.slot.get_mechanisms())
             missing = [m.name for m in required_mechanisms(key_type) if m not in available]
             if missing:
@@ -139,10 +140,10 @@ class Pkcs11Backend(Backend):
                 private_obj[Attribute.LABEL] = label
             except p11_errors.PKCS11Error:
                 label = "keyd"
-            return public, label
+            return public, cka_id, label
 
         try:
-            public, label = self._token.run(create, rw=True)
+            public, cka_id, label = self._token.run(create, rw=True)
         except p11_errors.PKCS11Error as exc:
             raise _device_error(self._token, f"generate a {key_type.value} key", exc) from None
         log.info(

@@ -104,8 +104,20 @@ def _unwrap_point(data: bytes, raw_length: int) -> bytes:
 
 def public_key_of(obj: pkcs11.Object) -> PublicKey:
     """The public key of a token object, in keyd's terms. Unsupported kinds of key
-    (RSA of another size, other curves) raise InvalidArgument."""
+    (RSA of another size, other curves, other algorithms) and malformed public keys
+    raise InvalidArgument."""
     p11_type = obj[Attribute.KEY_TYPE]
+    if p11_type not in (P11KeyType.RSA, P11KeyType.EC, P11KeyType.EC_EDWARDS):
+        raise InvalidArgument(
+            "unsupported key on the token: keyd takes ECDSA P-256/P-384, Ed25519 and RSA-3072"
+        )
+    try:
+        return _public_key_of(obj, p11_type)
+    except ValueError as exc:  # cryptography refuses the point or the numbers
+        raise InvalidArgument(f"the token's public key is malformed: {exc}") from None
+
+
+def _public_key_of(obj: pkcs11.Object, p11_type: P11KeyType) -> PublicKey:
     if p11_type == P11KeyType.RSA:
         modulus = int.from_bytes(obj[Attribute.MODULUS], "big")
         exponent = int.from_bytes(obj[Attribute.PUBLIC_EXPONENT], "big")
