@@ -254,6 +254,8 @@ class Token:
             if not reason:
                 return
             self._lose(conn, reason)
+        if self._connect_lock.locked():
+            return  # a (re)connect is under way; status must not wait for a slow token
         with contextlib.suppress(KeydError):  # the state and detail say why
             self._connection()
 
