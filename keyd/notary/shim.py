@@ -32,23 +32,17 @@ from typing import NoReturn, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from keyd import wire
 from keyd.client import Client, Signature, SignItem
 from keyd.core.keytypes import KeyType
 from keyd.core.signing import der_to_raw
 from keyd.daemon import logs
 from keyd.daemon.notify import notify
 from keyd.errors import (
-    AlreadyExists,
-    FailedPrecondition,
     Internal,
-    InvalidArgument,
     KeydError,
     NotFound,
-    PayloadTooLarge,
-    PermissionDenied,
-    ResourceExhausted,
     StartupError,
-    Unavailable,
     Unreachable,
 )
 from keyd.notary.config import ShimConfig
@@ -67,17 +61,6 @@ MAX_BATCH = 64
 BATCHES_IN_FLIGHT = 2
 # Handler threads: requests mostly wait on keyd, so more threads than cores is fine.
 THREADS = 32
-# keyd's errors as notary-signer would answer them.
-_STATUS = (
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (PayloadTooLarge, grpc.StatusCode.INVALID_ARGUMENT),
-    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (Unavailable, grpc.StatusCode.UNAVAILABLE),
-)
 # A request to keyd may take this long (the shim's health checks use a short deadline).
 REQUEST_TIMEOUT = 30.0
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -185,11 +168,11 @@ class KeydGateway:
 
 
 def _abort(context: grpc.ServicerContext, exc: KeydError) -> NoReturn:
-    for kind, code in _STATUS:
-        if isinstance(exc, kind):
-            context.abort(code, exc.message)
-    log.error("keyd failed a request", extra={"error": exc.message})
-    context.abort(grpc.StatusCode.INTERNAL, exc.message)
+    # keyd's one error table (keyd.wire) gives the same codes notary-signer answers.
+    code = wire.status_code(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("keyd failed a request", extra={"error": exc.message})
+    context.abort(code, exc.message)
     raise AssertionError("unreachable")  # pragma: no cover - abort raises
 
 
