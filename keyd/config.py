@@ -155,13 +155,7 @@ class Config:
 
     @classmethod
     def load(cls, path: Path) -> Config:
-        try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        data = read_toml(path)
         try:
             return cls.from_dict(data, base=path.parent.resolve())
         except _FieldError as exc:
@@ -187,6 +181,17 @@ class Config:
         for token_name, token in config.pkcs11.items():
             token.validate(token_name)
         return config
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """A configuration file's tables; errors name the file."""
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
 class _FieldError(Exception):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from keyd.config import LogLevel
+from keyd.config import LogLevel, read_toml
 from keyd.errors import ConfigError
 from keyd.secretfile import read_private_file
 
@@ -63,13 +62,7 @@ class ShimConfig:
 
     @classmethod
     def load(cls, path: Path) -> ShimConfig:
-        try:
-            with path.open("rb") as f:
-                data = tomllib.load(f)
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        data = read_toml(path)
         try:
             return _build(data, path.parent.resolve())
         except _Problem as exc:
