@@ -15,8 +15,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from keyd.client import Client
@@ -26,6 +27,25 @@ READY_TIMEOUT = 60.0
 
 def keyd_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "keyd.cli", *args]
+
+
+def run_callers(caller: Callable[[int], None], count: int) -> None:
+    """Run caller(0) ... caller(count - 1) at once, each on its own thread, and fail
+    with the first errors any of them raised."""
+    failures: list[BaseException] = []
+
+    def guarded(n: int) -> None:
+        try:
+            caller(n)
+        except BaseException as exc:  # noqa: BLE001 - collected and reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(n,)) for n in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures[:3]
 
 
 def run_keyd(

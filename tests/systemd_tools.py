@@ -25,7 +25,6 @@ DB_PATH = PurePosixPath("/var/lib/keyd/keyd.db")
 SOCKET_PATH = PurePosixPath("/run/keyd/keyd.sock")
 
 MAX_EXPOSURE = 2.0
-EXPOSURE_RE = re.compile(r"Overall exposure level for keyd\.service: (\d+\.\d+)")
 
 # Plain, uncoloured, unpaged output from the systemd tools.
 TOOL_ENV = {**os.environ, "SYSTEMD_COLORS": "0", "SYSTEMD_PAGER": "", "LC_ALL": "C.UTF-8"}
@@ -108,3 +107,14 @@ def verify_problems(unit: Path) -> tuple[int, list[str], str]:
     output = proc.stdout + proc.stderr
     problems = [line for line in output.splitlines() if "keyd" in line]
     return proc.returncode, problems, output
+
+
+def exposure(unit: Path) -> tuple[float, str]:
+    """`systemd-analyze security --offline=true`'s overall exposure of `unit`, and the output."""
+    proc = run([tool("systemd-analyze"), "security", "--offline=true", str(unit)])
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    level = re.compile(rf"Overall exposure level for {re.escape(unit.name)}: (\d+\.\d+)")
+    match = level.search(output)
+    assert match is not None, f"no overall exposure level in:\n{output}"
+    return float(match.group(1)), output

@@ -8,7 +8,6 @@ the tools are missing (or, for ownership, where they cannot chown: not root).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import stat
 from pathlib import Path, PurePosixPath
@@ -27,6 +26,7 @@ from tests.systemd_tools import (
     UNIT,
     colon_file,
     directives,
+    exposure,
     one,
     run,
     tool,
@@ -38,7 +38,6 @@ SHIM_UNIT = SYSTEMD_DIR / "keyd-notary-signer.service"
 EXAMPLE = SYSTEMD_DIR / "notary-signer.toml.example"
 SHIM_USER = "keyd-notary"
 NOTARY_DIR = PurePosixPath(DEFAULT_KEYD_SOCKET.parent)
-SHIM_EXPOSURE_RE = re.compile(r"Overall exposure level for keyd-notary-signer\.service: (\d+\.\d+)")
 # The configuration is handed over as a credential; ExecStart= finds it through %d.
 CONFIG_CREDENTIAL = DEFAULT_CONFIG.name
 # Where the files the credentials are loaded from live (root-only in effect: /etc/keyd is
@@ -70,13 +69,8 @@ def tmpfiles_line(path: PurePosixPath) -> list[str]:
 
 
 def test_exposure_level_is_low() -> None:
-    proc = run([tool("systemd-analyze"), "security", "--offline=true", str(SHIM_UNIT)])
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output
-    match = SHIM_EXPOSURE_RE.search(output)
-    assert match is not None, f"no overall exposure level in:\n{output}"
-    exposure = float(match.group(1))
-    assert exposure <= MAX_EXPOSURE, f"exposure {exposure} > {MAX_EXPOSURE}:\n{output}"
+    level, output = exposure(SHIM_UNIT)
+    assert level <= MAX_EXPOSURE, f"exposure {level} > {MAX_EXPOSURE}:\n{output}"
 
 
 def test_verify_is_clean(tmp_path: Path) -> None:

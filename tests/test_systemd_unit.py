@@ -15,7 +15,6 @@ import pytest
 from tests.systemd_tools import (
     CONFIG_PATH,
     DB_PATH,
-    EXPOSURE_RE,
     KEYD_BINARY,
     MAX_EXPOSURE,
     README,
@@ -26,6 +25,7 @@ from tests.systemd_tools import (
     UNIT,
     colon_file,
     directives,
+    exposure,
     one,
     run,
     tool,
@@ -35,13 +35,8 @@ from tests.systemd_tools import (
 
 
 def test_exposure_level_is_low() -> None:
-    proc = run([tool("systemd-analyze"), "security", "--offline=true", str(UNIT)])
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output
-    match = EXPOSURE_RE.search(output)
-    assert match is not None, f"no overall exposure level in:\n{output}"
-    exposure = float(match.group(1))
-    assert exposure <= MAX_EXPOSURE, f"exposure {exposure} > {MAX_EXPOSURE}:\n{output}"
+    level, output = exposure(UNIT)
+    assert level <= MAX_EXPOSURE, f"exposure {level} > {MAX_EXPOSURE}:\n{output}"
 
 
 def test_verify_is_clean(tmp_path: Path) -> None:

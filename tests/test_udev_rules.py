@@ -16,12 +16,11 @@ import pytest
 
 from keyd.config import Pkcs11TokenConfig
 from tests.systemd_tools import (
-    EXPOSURE_RE,
     MAX_EXPOSURE,
     UNIT,
     directives,
+    exposure,
     run,
-    tool,
     verifiable_copy,
     verify_problems,
 )
@@ -332,11 +331,7 @@ def test_dropin_opens_usb_only_and_keeps_examples_for_the_rest() -> None:
 
 def test_exposure_with_usb_dropin_stays_low(tmp_path: Path) -> None:
     unit = _unit_with_dropin(tmp_path, DROPIN.read_text(encoding="utf-8"))
-    proc = run([tool("systemd-analyze"), "security", "--offline=true", str(unit)])
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output
-    match = EXPOSURE_RE.search(output)
-    assert match is not None, output
-    assert float(match.group(1)) <= MAX_EXPOSURE, output
+    level, output = exposure(unit)
+    assert level <= MAX_EXPOSURE, output
     # The drop-in must have been applied, or this measured the bare unit.
     assert "char-usb_device" in output, output

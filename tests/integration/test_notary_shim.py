@@ -30,7 +30,7 @@ from keyd.errors import NotFound
 from keyd.notary.shim import KeydGateway
 from keyd.notary.wire import signer_pb2 as pb
 from keyd.notary.wire import signer_pb2_grpc as pb_grpc
-from tests.harness import Daemon, NotaryShim, run_keyd
+from tests.harness import Daemon, NotaryShim, run_callers, run_keyd
 from tests.notary_rig import (
     KeyAlgorithm,
     NotaryClient,
@@ -275,38 +275,27 @@ def test_concurrent_signs_share_batches_and_keep_their_own_results(stack: Stack)
             keyd.create_key(t, role="timestamp", collection=GUN)
             for t in (KeyType.ECDSA_P256, KeyType.ED25519)
         ]
-    failures: list[BaseException] = []
 
     def caller(n: int) -> None:
         record = records[n % 2]
-        try:
-            with stack.channel() as channel:
-                signer = pb_grpc.SignerStub(channel)
-                for i in range(30):
-                    content = f"caller {n} item {i}".encode()
-                    if i % 7 == 3:  # an unknown key in the middle of the traffic
-                        unknown = pb.KeyID(ID=f"{n:02x}" * 32)
-                        with pytest.raises(grpc.RpcError) as missing:
-                            signer.Sign(pb.SignatureRequest(keyID=unknown, content=content))
-                        assert missing.value.code() is grpc.StatusCode.NOT_FOUND
-                        continue
-                    request = pb.SignatureRequest(keyID=pb.KeyID(ID=record.key_id), content=content)
-                    sig = signer.Sign(request).content
-                    raw = (
-                        SignatureEncoding.RAW
-                        if record.key_type.is_ecdsa
-                        else SignatureEncoding.NATIVE
-                    )
-                    independent_verify(record, sig, content, raw)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            failures.append(exc)
+        with stack.channel() as channel:
+            signer = pb_grpc.SignerStub(channel)
+            for i in range(30):
+                content = f"caller {n} item {i}".encode()
+                if i % 7 == 3:  # an unknown key in the middle of the traffic
+                    unknown = pb.KeyID(ID=f"{n:02x}" * 32)
+                    with pytest.raises(grpc.RpcError) as missing:
+                        signer.Sign(pb.SignatureRequest(keyID=unknown, content=content))
+                    assert missing.value.code() is grpc.StatusCode.NOT_FOUND
+                    continue
+                request = pb.SignatureRequest(keyID=pb.KeyID(ID=record.key_id), content=content)
+                sig = signer.Sign(request).content
+                raw = (
+                    SignatureEncoding.RAW if record.key_type.is_ecdsa else SignatureEncoding.NATIVE
+                )
+                independent_verify(record, sig, content, raw)
 
-    threads = [threading.Thread(target=caller, args=(n,)) for n in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not failures, failures[:3]
+    run_callers(caller, 16)
 
 
 def test_client_certificate_from_another_ca_is_rejected(stack: Stack) -> None:
@@ -368,28 +357,19 @@ def test_coalescing_hands_every_result_back_and_frees_its_slots(daemon: Daemon) 
     signature checked against its own content, and no batch slot lost at the end."""
     with daemon.client() as keyd:
         record = keyd.create_key(KeyType.ED25519, role="snapshot", collection=GUN)
-    failures: list[BaseException] = []
     with Client(daemon.notary_socket) as client:
         backend = KeydGateway(client, wait_seconds=5)
 
         def caller(n: int) -> None:
-            try:
-                for i in range(40):
-                    content = f"{n}/{i}".encode()
-                    if i % 9 == 4:
-                        with pytest.raises(NotFound):
-                            backend.sign("cd" * 32, content)
-                        continue
-                    sig = backend.sign(record.key_id, content)
-                    independent_verify(record, sig.signature, content, sig.encoding)
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                failures.append(exc)
+            for i in range(40):
+                content = f"{n}/{i}".encode()
+                if i % 9 == 4:
+                    with pytest.raises(NotFound):
+                        backend.sign("cd" * 32, content)
+                    continue
+                sig = backend.sign(record.key_id, content)
+                independent_verify(record, sig.signature, content, sig.encoding)
 
-        threads = [threading.Thread(target=caller, args=(n,)) for n in range(32)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not failures, failures[:3]
+        run_callers(caller, 32)
         assert backend._in_flight == 0
         assert not backend._queue

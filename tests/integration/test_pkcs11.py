@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ from pkcs11 import exceptions as p11_errors
 from keyd.client import Client, SignItem
 from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.errors import FailedPrecondition, InvalidArgument, Unavailable
-from tests.harness import Daemon, keyd_command, run_keyd
+from tests.harness import Daemon, keyd_command, run_callers, run_keyd
 from tests.softhsm import USER_PIN, SoftHSM, spy_module
 from tests.verify import independent_verify
 
@@ -246,26 +245,17 @@ def test_status_names_the_token(shared_rig: Rig, client: Client) -> None:
 
 def test_sixteen_concurrent_callers(client: Client, token_keys: dict[KeyType, str]) -> None:
     records = [client.get_key(token_keys[t]) for t in (KeyType.ECDSA_P256, KeyType.ED25519)]
-    failures: list[BaseException] = []
     signed: list[int] = []
 
     def caller(n: int) -> None:
         record = records[n % 2]
-        try:
-            for i in range(40):
-                message = MESSAGE + f"{n}-{i}".encode()
-                sig = client.sign(record.key_id, message)
-                independent_verify(record, sig.signature, message, sig.encoding)
-            signed.append(40)
-        except BaseException as exc:  # noqa: BLE001 - collected and reported below
-            failures.append(exc)
+        for i in range(40):
+            message = MESSAGE + f"{n}-{i}".encode()
+            sig = client.sign(record.key_id, message)
+            independent_verify(record, sig.signature, message, sig.encoding)
+        signed.append(40)
 
-    threads = [threading.Thread(target=caller, args=(n,)) for n in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not failures, failures[:3]
+    run_callers(caller, 16)
     assert sum(signed) == 16 * 40
 
 
