@@ -84,11 +84,11 @@ class ServerConfig:
                 # Whoever may enter the directory to reach the notary socket could
                 # reach the main one too, if its group allowed.
                 _fail("server", "notary_socket", "must be in another directory than socket")
-        _check_range("server", "workers", self.workers, 0, 1024)
-        _check_range("server", "max_concurrent_rpcs", self.max_concurrent_rpcs, 1, 65536)
-        _check_range("server", "max_payload_bytes", self.max_payload_bytes, 1, 64 * 1024 * 1024)
-        _check_range("server", "max_batch_items", self.max_batch_items, 1, 65536)
-        _check_range("server", "shutdown_grace_seconds", self.shutdown_grace_seconds, 0, 3600)
+        check_range("server", "workers", self.workers, 0, 1024)
+        check_range("server", "max_concurrent_rpcs", self.max_concurrent_rpcs, 1, 65536)
+        check_range("server", "max_payload_bytes", self.max_payload_bytes, 1, 64 * 1024 * 1024)
+        check_range("server", "max_batch_items", self.max_batch_items, 1, 65536)
+        check_range("server", "shutdown_grace_seconds", self.shutdown_grace_seconds, 0, 3600)
 
 
 @dataclass(frozen=True)
@@ -133,9 +133,9 @@ class Pkcs11TokenConfig:
             _fail(section, "module", f"{self.module} does not exist or is not a file")
         if not (self.token_label or self.token_serial):
             _fail(section, "token_label", "set token_label, token_serial or both")
-        _check_range(section, "sessions", self.sessions, 1, 64)
-        _check_range(section, "max_requests", self.max_requests, self.sessions, 1024)
-        _check_range(section, "reconnect_seconds", self.reconnect_seconds, 0, 3600)
+        check_range(section, "sessions", self.sessions, 1, 64)
+        check_range(section, "max_requests", self.max_requests, self.sessions, 1024)
+        check_range(section, "reconnect_seconds", self.reconnect_seconds, 0, 3600)
 
     def pin_credential(self, name: str) -> str:
         return f"keyd-pkcs11-{name}-pin"
@@ -158,7 +158,7 @@ class Config:
         data = read_toml(path)
         try:
             return cls.from_dict(data, base=path.parent.resolve())
-        except _FieldError as exc:
+        except FieldError as exc:
             raise ConfigError(f"{path}: {exc}") from None
 
     @classmethod
@@ -167,14 +167,14 @@ class Config:
         known = {f.name: f for f in dataclasses.fields(cls)}
         for name, value in data.items():
             if name not in known:
-                raise _FieldError(f"[{name}]: unknown section; expected one of {', '.join(known)}")
+                raise FieldError(f"[{name}]: unknown section; expected one of {', '.join(known)}")
             if not isinstance(value, dict):
-                raise _FieldError(f"[{name}]: must be a table")
+                raise FieldError(f"[{name}]: must be a table")
             section_type = typing.get_type_hints(cls)[name]
             if name == "pkcs11":  # a table of named tables, one per token
                 sections[name] = _build_named_sections(name, Pkcs11TokenConfig, value, base)
             else:
-                sections[name] = _build_section(name, section_type, value, base)
+                sections[name] = build_section(name, section_type, value, base)
         config = cls(**sections)
         config.server.validate()
         config.store.validate()
@@ -194,15 +194,15 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-class _FieldError(Exception):
-    pass
+class FieldError(Exception):
+    """A problem in one section or field, as `[section] field: problem`."""
 
 
 def _fail(section: str, name: str, problem: str) -> typing.NoReturn:
-    raise _FieldError(f"[{section}] {name}: {problem}" if name else f"[{section}]: {problem}")
+    raise FieldError(f"[{section}] {name}: {problem}" if name else f"[{section}]: {problem}")
 
 
-def _check_range(section: str, name: str, value: float, low: float, high: float) -> None:
+def check_range(section: str, name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         _fail(section, name, f"{value} is out of range ({low} to {high})")
 
@@ -213,12 +213,12 @@ def _build_named_sections(
     built = {}
     for name, table in values.items():
         if not isinstance(table, dict):
-            raise _FieldError(f"[{section}.{name}]: must be a table, such as [{section}.hsm]")
-        built[name] = _build_section(f"{section}.{name}", cls, table, base)
+            raise FieldError(f"[{section}.{name}]: must be a table, such as [{section}.hsm]")
+        built[name] = build_section(f"{section}.{name}", cls, table, base)
     return MappingProxyType(built)
 
 
-def _build_section(section: str, cls: type[Any], values: dict[str, Any], base: Path) -> Any:
+def build_section(section: str, cls: type[Any], values: dict[str, Any], base: Path) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for name, raw in values.items():

@@ -21,7 +21,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from keyd.config import LogLevel, read_toml
+from keyd.config import FieldError, LogConfig, LogLevel, build_section, check_range, read_toml
 from keyd.errors import ConfigError
 from keyd.secretfile import read_private_file
 
@@ -65,7 +65,7 @@ class ShimConfig:
         data = read_toml(path)
         try:
             return _build(data, path.parent.resolve())
-        except _Problem as exc:
+        except FieldError as exc:
             raise ConfigError(f"{path}: {exc}") from None
 
     def key_source(self) -> Path:
@@ -111,10 +111,6 @@ class ShimConfig:
         return TlsFiles(cert_pem, key_pem, ca_pem)
 
 
-class _Problem(Exception):
-    pass
-
-
 def _read(path: Path, section: str, name: str) -> bytes:
     try:
         return path.read_bytes()[:MAX_PEM_BYTES]
@@ -122,55 +118,51 @@ def _read(path: Path, section: str, name: str) -> bytes:
         raise ConfigError(f"[{section}] {name}: cannot read {path}: {exc.strerror}") from None
 
 
-_FIELDS: dict[str, dict[str, type]] = {
-    "listen": {"address": str, "cert": str, "key": str, "client_ca": str},
-    "keyd": {"socket": str, "wait_seconds": float, "health_interval_seconds": float},
-    "log": {"level": str},
-}
+@dataclass(frozen=True)
+class _Listen:
+    address: str
+    cert: Path
+    key: Path
+    client_ca: Path
+
+
+@dataclass(frozen=True)
+class _Keyd:
+    socket: Path = DEFAULT_KEYD_SOCKET
+    wait_seconds: float = 10.0
+    health_interval_seconds: float = 1.0
+
+
+_SECTIONS: dict[str, type[Any]] = {"listen": _Listen, "keyd": _Keyd, "log": LogConfig}
 
 
 def _build(data: dict[str, Any], base: Path) -> ShimConfig:
-    for section, table in data.items():
-        if section not in _FIELDS:
-            raise _Problem(f"[{section}]: unknown section; expected {', '.join(_FIELDS)}")
+    # The same typed sections, checks and messages as keyd's own configuration.
+    sections: dict[str, Any] = {}
+    for name, table in data.items():
+        cls = _SECTIONS.get(name)
+        if cls is None:
+            raise FieldError(f"[{name}]: unknown section; expected {', '.join(_SECTIONS)}")
         if not isinstance(table, dict):
-            raise _Problem(f"[{section}]: must be a table")
-        for name, value in table.items():
-            kind = _FIELDS[section].get(name)
-            if kind is None:
-                raise _Problem(
-                    f"[{section}] {name}: unknown field; takes {', '.join(_FIELDS[section])}"
-                )
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-            if not (isinstance(value, str) and value) if kind is str else not ok:
-                expected = "a non-empty string" if kind is str else "a number"
-                raise _Problem(f"[{section}] {name}: must be {expected}")
-    listen = data.get("listen", {})
-    for name in ("address", "cert", "key", "client_ca"):
-        if name not in listen:
-            raise _Problem(f"[listen] {name}: is required (notary-server needs mutual TLS)")
-    host, sep, port_text = str(listen["address"]).rpartition(":")
+            raise FieldError(f"[{name}]: must be a table")
+        sections[name] = build_section(name, cls, table, base)
+    listen = sections.get("listen")
+    if listen is None:
+        raise FieldError("[listen]: is required (notary-server needs mutual TLS)")
+    keyd = sections.get("keyd", _Keyd())
+    host, sep, port_text = listen.address.rpartition(":")
     if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise _Problem("[listen] address: expected HOST:PORT, such as 127.0.0.1:7899")
-    keyd = data.get("keyd", {})
-    wait = float(keyd.get("wait_seconds", 10.0))
-    interval = float(keyd.get("health_interval_seconds", 1.0))
-    if not 0 <= wait <= 300:
-        raise _Problem(f"[keyd] wait_seconds: {wait} is out of range (0 to 300)")
-    if not 0.1 <= interval <= 60:
-        raise _Problem(f"[keyd] health_interval_seconds: {interval} is out of range (0.1 to 60)")
-    level = data.get("log", {}).get("level", "info")
-    if level not in {lv.value for lv in LogLevel}:
-        raise _Problem(f"[log] level: {level!r} is not one of debug, info, warning, error")
-    socket = Path(keyd["socket"]) if "socket" in keyd else DEFAULT_KEYD_SOCKET
+        raise FieldError("[listen] address: expected HOST:PORT, such as 127.0.0.1:7899")
+    check_range("keyd", "wait_seconds", keyd.wait_seconds, 0, 300)
+    check_range("keyd", "health_interval_seconds", keyd.health_interval_seconds, 0.1, 60)
     return ShimConfig(
         host=host.strip("[]"),
         port=int(port_text),
-        cert=base / listen["cert"],
-        key=base / listen["key"],
-        client_ca=base / listen["client_ca"],
-        keyd_socket=socket if socket.is_absolute() else base / socket,
-        wait_seconds=wait,
-        health_interval_seconds=interval,
-        log_level=LogLevel(level),
+        cert=listen.cert,
+        key=listen.key,
+        client_ca=listen.client_ca,
+        keyd_socket=keyd.socket,
+        wait_seconds=keyd.wait_seconds,
+        health_interval_seconds=keyd.health_interval_seconds,
+        log_level=sections.get("log", LogConfig()).level,
     )
