@@ -104,18 +104,19 @@ def record_hash(line: bytes) -> str:
 def encode_event(event: AuditEvent, seq: int, prev: str) -> bytes:
     """An event record's line, without the newline.
 
-    Written out in canonical form (keys sorted, as encode_record would write them)
-    because this runs once per request: three times faster than encode_record.
+    Written out by hand in canonical form (keys sorted, as encode_record would
+    write them) because this runs once per request: twice as fast as encode_record.
+    A test holds the two equal.
     """
     caller = event.caller
     # :d refuses a non-integer; _esc quotes and escapes to ASCII as json does.
     return (
         f'{{"exe":{_esc(caller.exe)},"gid":{caller.gid:d},"key_id":{_esc(event.key_id)},'
         f'"method":{_esc(event.method)},"operation":{_esc(event.operation)},'
-        f'"payload_sha256":{_esc(event.payload_sha256)},"pid":{caller.pid:d},"prev":"{prev}",'
-        f'"result":{_esc(event.result)},"seq":{seq:d},"socket":{_esc(caller.socket)},'
-        f'"time_ms":{event.time_ms:d},"type":"event","uid":{caller.uid:d},'
-        f'"user":{_esc(caller.user)}}}'
+        f'"payload_sha256":{_esc(event.payload_sha256)},"pid":{caller.pid:d},'
+        f'"prev":{_esc(prev)},"result":{_esc(event.result)},"seq":{seq:d},'
+        f'"socket":{_esc(caller.socket)},"time_ms":{event.time_ms:d},"type":"event",'
+        f'"uid":{caller.uid:d},"user":{_esc(caller.user)}}}'
     ).encode("ascii")
 
 

@@ -368,9 +368,9 @@ class AuditLog:
                 if self._closed or self._broken or self._size < self._rotate_bytes:
                     return
                 try:
-                    if self._unsigned:
-                        checkpoint = self._write_checkpoint()
+                    written = self._write_checkpoint() if self._unsigned else None
                     os.fsync(self._fd)
+                    checkpoint = written  # reported once it is on disk
                     self._start_file(OpenReason.ROTATE)
                 except (AuditUnavailable, OSError) as exc:
                     logger.warning(

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, unique
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -128,9 +128,8 @@ def _decode(value: object, size: int) -> bytes | None:
     return raw if len(raw) == size else None
 
 
-@dataclass(frozen=True)
-class _At:
-    """Where the record being checked is."""
+class _At(NamedTuple):
+    """Where the record being checked is (a tuple: made once per record)."""
 
     path: Path
     line: int

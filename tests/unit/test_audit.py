@@ -329,7 +329,7 @@ def test_rotation_keeps_the_chain_across_files(directory: Path, key: Ed25519Priv
 
 
 def test_restart_continues_the_chain(directory: Path, key: Ed25519PrivateKey) -> None:
-    with open_log(directory, key) as log:
+    with open_log(directory, key, fsync_each=True) as log:
         log.append_many([event(i) for i in range(5)])
         first_head = log.head
     closed_head = first_head[0] + 1  # the final checkpoint
