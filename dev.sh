@@ -83,6 +83,8 @@ socket = "$dir/run/keyd.sock"
 [store]
 path = "$dir/state/keyd.db"
 secret_file = "$dir/secret/store.key"
+[access]
+policy = "$dir/policy.toml"  # written by keyd init: you may do everything
 TOML
     log "creating an encrypted store in $dir"
     "$keyd" init --config "$dir/keyd.toml"

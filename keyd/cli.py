@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import datetime
 import getpass
 import json
@@ -167,10 +168,12 @@ def cmd_init(args: argparse.Namespace) -> int:
         if kind is SecretKind.RAW_KEY and secret_file is not None:
             secret_file.unlink()  # nothing was stored with it; do not leave it behind
         raise
+    policy = _starter_policy(config, args.admin)
     result = {
         "store": str(store_path),
         "secret_file": str(secret_file) if secret_file else None,
         "secret_kind": kind.value,
+        "policy": str(policy[0]) if policy else None,
     }
     if args.json:
         _print_json(result)
@@ -178,7 +181,39 @@ def cmd_init(args: argparse.Namespace) -> int:
         print(f"created store {store_path}")
         if kind is SecretKind.RAW_KEY:
             print(f"store secret written to {secret_file} (mode 0600); keep it safe")
+        if policy:
+            print(f"policy written to {policy[0]}: user {policy[1]!r} may do everything; edit it")
     return 0
+
+
+def _starter_policy(config: Config, admin: str | None) -> tuple[Path, str] | None:
+    """Write a policy granting one administrator everything, unless one exists: without
+    a policy the daemon denies every request (default deny)."""
+    from keyd.config import AccessMode
+
+    path = config.access.policy
+    if config.access.mode is not AccessMode.POLICY or path.exists():
+        return None
+    import pwd
+
+    user = admin or os.environ.get("SUDO_USER") or pwd.getpwuid(os.getuid()).pw_name
+    text = (
+        "# keyd's policy: who may do what with which keys (docs/policy.md).\n"
+        "# Nothing is allowed unless a rule allows it; root is not special.\n"
+        "# Apply changes with `systemctl reload keyd` (SIGHUP).\n\n"
+        "[[allow]]\n"
+        f'name = "administrator chosen at keyd init"\n'
+        f"users = [{json.dumps(user)}]\n"
+        'operations = ["create", "sign", "list", "delete", "admin"]\n'
+    )
+    try:
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except OSError as exc:
+        raise KeydError(f"cannot write the policy {path}: {exc.strerror}") from None
+    return path, user
 
 
 def _prompt_new_passphrase() -> StoreSecret:
@@ -267,20 +302,98 @@ def cmd_keys_adopt(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_delete(args: argparse.Namespace) -> int:
+    if args.destroy_on_device and args.confirm != args.key_id:
+        raise InvalidArgument(
+            "destroying a key on its device cannot be undone: repeat its key ID with "
+            "--confirm KEY_ID"
+        )
     if not args.yes:
         if not sys.stdin.isatty():
-            raise InvalidArgument("deleting a key cannot be undone; confirm with --yes")
-        answer = input(f"delete key {args.key_id}? This cannot be undone [y/N] ")
+            raise InvalidArgument("confirm the deletion with --yes")
+        answer = input(f"delete key {args.key_id}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             print("not deleted", file=sys.stderr)
             return EXIT_ERROR
     with _client(args) as client:
-        client.delete_key(args.key_id)
+        record = client.delete_key(
+            args.key_id, destroy_on_device_confirmed=args.confirm if args.destroy_on_device else ""
+        )
     if args.json:
-        _print_json({"deleted": args.key_id})
+        _print_json(key_json(record))
     else:
-        print(f"deleted {args.key_id}")
+        fate = "destroyed" if record.destroy_on_purge or record.backend == "store" else "forgotten"
+        print(
+            f"key {args.key_id} is pending deletion: it cannot sign; it will be {fate} after "
+            f"{_iso(record.purge_after_unix_ms)} (`keyd keys restore {args.key_id}` undoes this)"
+        )
     return 0
+
+
+def cmd_keys_restore(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        record = client.restore_key(args.key_id)
+    if args.json:
+        _print_json(key_json(record))
+    else:
+        print(f"restored {args.key_id}")
+    return 0
+
+
+def cmd_keys_purge(args: argparse.Namespace) -> int:
+    if args.confirm != args.key_id:
+        raise InvalidArgument("purging cannot be undone: repeat the key ID with --confirm KEY_ID")
+    with _client(args) as client:
+        client.purge_key(args.key_id)
+    if args.json:
+        _print_json({"purged": args.key_id})
+    else:
+        print(f"purged {args.key_id}")
+    return 0
+
+
+def cmd_whoami(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        me = client.whoami()
+    if args.json:
+        _print_json(
+            {
+                "uid": me.uid,
+                "gid": me.gid,
+                "pid": me.pid,
+                "groups": sorted(me.groups),
+                "user": me.user,
+                "executable": me.exe,
+                "socket": me.socket,
+            }
+        )
+    else:
+        groups = ",".join(str(g) for g in sorted(me.groups))
+        print(f"{me.describe()}, gid {me.gid}, groups {groups}, via the {me.socket} socket")
+    return 0
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from keyd.audit import format_report, verify_log
+
+    public_key = None
+    if args.key:
+        try:
+            public_key = base64.b64decode(args.key, validate=True)
+        except ValueError:
+            raise InvalidArgument("--key must be the base64 audit public key") from None
+    report = verify_log(args.paths if len(args.paths) > 1 else args.paths[0], public_key)
+    if args.json:
+        data = dataclasses.asdict(report)
+        data["ok"] = report.ok
+        if report.problem is not None:
+            data["problem"].update(
+                kind=report.problem.kind.name,
+                file=str(report.problem.file) if report.problem.file else None,
+            )
+        _print_json(data)
+    else:
+        print(format_report(report))
+    return 0 if report.ok else EXIT_ERROR
 
 
 def _read_input(name: str | None, limit: int) -> bytes:
@@ -343,6 +456,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "socket": status.socket,
                 "keys": status.keys,
                 "healthy": healthy,
+                "access_mode": status.access_mode,
+                "audit_public_key": status.audit_public_key,
                 "backends": [
                     {
                         "name": b.name,
@@ -358,6 +473,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(f"keyd {status.version} on {status.socket}, up since {_iso(status.started_unix_ms)}")
         print(f"{status.keys} keys")
+        if status.access_mode == "policy":
+            print(f"callers checked by the policy; audit key {status.audit_public_key}")
+        elif status.access_mode:
+            print("access mode OPEN: callers are not identified, authorised or audited")
         for b in status.backends:
             state = "ok" if b.healthy else f"UNHEALTHY ({b.state})"
             print(
@@ -420,12 +539,31 @@ def _add_keys_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.set_defaults(func=cmd_keys_adopt)
 
     p = keys_sub.add_parser(
-        "delete", help="delete a key (store keys are destroyed; token keys are forgotten)"
+        "delete",
+        help="delete a key: it stops signing now and is purged after the deletion window "
+        "(store keys are then destroyed; device keys forgotten unless --destroy-on-device)",
     )
     p.add_argument("key_id")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument(
+        "--destroy-on-device",
+        action="store_true",
+        help="also destroy a hardware key on its device at purge (admin; needs --confirm)",
+    )
+    p.add_argument("--confirm", default="", metavar="KEY_ID", help="the key ID again")
     _add_client_options(p)
     p.set_defaults(func=cmd_keys_delete)
+
+    p = keys_sub.add_parser("restore", help="bring back a key pending deletion")
+    p.add_argument("key_id")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_keys_restore)
+
+    p = keys_sub.add_parser("purge", help="remove a key pending deletion now (admin)")
+    p.add_argument("key_id")
+    p.add_argument("--confirm", default="", metavar="KEY_ID", help="the key ID again")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_keys_purge)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -458,6 +596,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="derive the store key from a passphrase (prompted, or read from "
         "an existing --secret-file)",
     )
+    p.add_argument(
+        "--admin",
+        default=None,
+        metavar="USER",
+        help="when no policy exists yet, write one that lets USER do everything "
+        "(default: the user running init, or $SUDO_USER)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_init)
 
@@ -481,6 +626,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="daemon and backend health")
     _add_client_options(p)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("whoami", help="how keyd identifies you (uid, gid, pid)")
+    _add_client_options(p)
+    p.set_defaults(func=cmd_whoami)
+
+    audit = sub.add_parser("audit", help="check the audit log")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
+    p = audit_sub.add_parser(
+        "verify", help="check the hash chain and signed checkpoints; name the first bad record"
+    )
+    p.add_argument("paths", nargs="+", type=Path, help="the audit directory, or its files")
+    p.add_argument(
+        "--key", default="", help="the audit public key (base64) to pin; `keyd status` shows it"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_audit_verify)
     return parser
 
 

@@ -27,6 +27,7 @@ import grpc
 
 from keyd import wire
 from keyd.config import DEFAULT_SOCKET
+from keyd.core.identity import Caller
 from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.core.model import KeyRecord
 from keyd.errors import InvalidArgument, KeydError, PermissionDenied, Unreachable
@@ -85,6 +86,8 @@ class DaemonStatus:
     keys: int
     backends: tuple[BackendStatus, ...]
     socket: str
+    access_mode: str = ""
+    audit_public_key: str = ""
 
 
 def _request(item: SignItem) -> pb.SignRequest:
@@ -133,9 +136,10 @@ CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", _MAX_MESSAGE),
     ("grpc.max_send_message_length", _MAX_MESSAGE),
     # Long-lived clients (the Notary shim) find a restarted daemon within ~1 s
-    # rather than after gRPC's default backoff of up to two minutes.
+    # rather than after gRPC's default backoff of up to two minutes. Not
+    # min_reconnect_backoff_ms: gRPC also takes it as the connect timeout, and a
+    # busy daemon (just started, warming up) may take longer than that to answer.
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
 
@@ -240,8 +244,24 @@ class Client:
         response: pb.ListKeysResponse = self._call(self._keys.ListKeys, request)
         return [wire.key_from_pb(k) for k in response.keys]
 
-    def delete_key(self, key_id: str) -> None:
-        self._call(self._keys.DeleteKey, pb.DeleteKeyRequest(key_id=key_id))
+    def delete_key(self, key_id: str, *, destroy_on_device_confirmed: str = "") -> KeyRecord:
+        """Move a key to pending deletion. To destroy a hardware key on its device when
+        it is purged, pass its key ID again as destroy_on_device_confirmed."""
+        request = pb.DeleteKeyRequest(
+            key_id=key_id,
+            destroy_on_device=bool(destroy_on_device_confirmed),
+            confirm_key_id=destroy_on_device_confirmed,
+        )
+        response: pb.DeleteKeyResponse = self._call(self._keys.DeleteKey, request)
+        return wire.key_from_pb(response.key)
+
+    def restore_key(self, key_id: str) -> KeyRecord:
+        request = pb.RestoreKeyRequest(key_id=key_id)
+        return wire.key_from_pb(self._call(self._keys.RestoreKey, request))
+
+    def purge_key(self, key_id: str) -> None:
+        """Remove a key pending deletion now (admin)."""
+        self._call(self._keys.PurgeKey, pb.PurgeKeyRequest(key_id=key_id))
 
     # -- signing --------------------------------------------------------------
 
@@ -310,5 +330,20 @@ class Client:
                 BackendStatus(b.name, b.healthy, b.detail, b.keys, b.state)
                 for b in response.backends
             ),
+            socket=response.socket,
+            access_mode=response.access_mode,
+            audit_public_key=response.audit_public_key,
+        )
+
+    def whoami(self) -> Caller:
+        """The caller as the daemon identified it (kernel credentials at connect time)."""
+        response: pb.WhoAmIResponse = self._call(self._status.WhoAmI, pb.WhoAmIRequest())
+        return Caller(
+            uid=response.uid,
+            gid=response.gid,
+            pid=response.pid,
+            groups=frozenset(response.groups),
+            user=response.user,
+            exe=response.executable,
             socket=response.socket,
         )

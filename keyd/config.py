@@ -26,6 +26,7 @@ DEFAULT_CONFIG = Path("/etc/keyd/keyd.toml")
 NOTARY_SIGNER_CONFIG = Path("/etc/keyd/notary-signer.toml")
 DEFAULT_SOCKET = Path("/run/keyd/keyd.sock")
 DEFAULT_STORE = Path("/var/lib/keyd/keyd.db")
+DEFAULT_POLICY = Path("/etc/keyd/policy.toml")
 CREDENTIAL_NAME = "keyd-store-key"
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the NUL
 _BACKEND_NAME = re.compile(r"[a-z0-9_-]{1,32}")
@@ -141,6 +142,49 @@ class Pkcs11TokenConfig:
         return f"keyd-pkcs11-{name}-pin"
 
 
+@unique
+class AccessMode(Enum):
+    # Every request is attributed to the calling process (SO_PEERCRED), checked
+    # against the policy, and audited.
+    POLICY = "policy"
+    # No identity, policy or audit: whoever can open the socket may do anything.
+    # For measurements and migration only; the daemon warns at start.
+    OPEN = "open"
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    mode: AccessMode = AccessMode.POLICY
+    # Read at start and on SIGHUP; relative to the configuration file's directory.
+    policy: Path = DEFAULT_POLICY
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    # Unset: the directory "audit" beside the store.
+    directory: Path | None = None
+    # A new file starts once the live one reaches this size; the chain continues.
+    rotate_bytes: int = 64 * 1024 * 1024
+    # How often the chain head is signed (when there is anything new).
+    checkpoint_seconds: float = 10.0
+    # fsync after every record (durable across power loss; slower). Off: records
+    # reach the kernel before a reply is sent, and disk at each checkpoint.
+    fsync_each: bool = False
+
+    def validate(self) -> None:
+        check_range("audit", "rotate_bytes", self.rotate_bytes, 64 * 1024, 2**40)
+        check_range("audit", "checkpoint_seconds", self.checkpoint_seconds, 0.1, 3600)
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    # How long a deleted key stays restorable before it is purged.
+    deletion_window_days: float = 7.0
+
+    def validate(self) -> None:
+        check_range("keys", "deletion_window_days", self.deletion_window_days, 0, 3650)
+
+
 @dataclass(frozen=True)
 class LogConfig:
     level: LogLevel = LogLevel.INFO
@@ -151,7 +195,14 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    keys: KeysConfig = field(default_factory=KeysConfig)
     pkcs11: Mapping[str, Pkcs11TokenConfig] = field(default_factory=dict)
+
+    @property
+    def audit_directory(self) -> Path:
+        return self.audit.directory or self.store.path.parent / "audit"
 
     @classmethod
     def load(cls, path: Path) -> Config:
@@ -178,6 +229,8 @@ class Config:
         config = cls(**sections)
         config.server.validate()
         config.store.validate()
+        config.audit.validate()
+        config.keys.validate()
         for token_name, token in config.pkcs11.items():
             token.validate(token_name)
         return config

@@ -39,12 +39,20 @@ class PermissionDenied(KeydError):
     """The caller may not do this."""
 
 
+class Unauthenticated(KeydError):
+    """keyd cannot tell who is calling: the connection did not come through its socket."""
+
+
 class Unavailable(KeydError):
     """A backend, device or the daemon itself cannot be reached right now; retry later."""
 
 
 class Unreachable(Unavailable):
     """The client could not reach keyd at all (nothing was done): safe to retry."""
+
+
+class AuditUnavailable(Unavailable):
+    """The audit log cannot be written (disk full, permissions): the request was refused."""
 
 
 class ResourceExhausted(KeydError):

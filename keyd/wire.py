@@ -23,6 +23,7 @@ STATUS_CODES: tuple[tuple[type[KeydError], grpc.StatusCode], ...] = (
     (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.KeydError, grpc.StatusCode.INTERNAL),
@@ -88,7 +89,10 @@ _ENCODINGS = {
 }
 _ENCODINGS_BACK = {v: k for k, v in _ENCODINGS.items()}
 
-_STATES = {KeyState.ACTIVE: pb.KEY_STATE_ACTIVE}
+_STATES = {
+    KeyState.ACTIVE: pb.KEY_STATE_ACTIVE,
+    KeyState.PENDING_DELETION: pb.KEY_STATE_PENDING_DELETION,
+}
 _STATES_BACK = {v: k for k, v in _STATES.items()}
 
 
@@ -133,6 +137,8 @@ def key_to_pb(record: KeyRecord, device: Mapping[str, str] | None = None) -> pb.
         state=_STATES[record.state],
         tuf_keytype=record.key_type.tuf_keytype,
         tuf_scheme=record.key_type.tuf_scheme,
+        purge_after_unix_ms=record.purge_after_unix_ms,
+        destroy_on_purge=record.destroy_on_purge,
     )
 
 
@@ -147,7 +153,10 @@ def key_from_pb(message: pb.Key) -> KeyRecord:
         collection=message.collection,
         labels=dict(message.labels),
         created_unix_ms=message.created_unix_ms,
-        state=_STATES_BACK.get(message.state, KeyState.ACTIVE),
+        # An unknown (newer) state is never taken for active.
+        state=_STATES_BACK.get(message.state, KeyState.PENDING_DELETION),
+        purge_after_unix_ms=message.purge_after_unix_ms,
+        destroy_on_purge=message.destroy_on_purge,
     )
     if record.key_id != message.key_id:
         raise errors.Internal(f"daemon sent key {message.key_id} with another key's public key")

@@ -62,6 +62,13 @@ def run_keyd(
     )
 
 
+def allow_everything(uid: int) -> str:
+    """A policy granting one uid every operation on every key."""
+    return (
+        f'[[allow]]\nusers = [{uid}]\noperations = ["create", "sign", "list", "delete", "admin"]\n'
+    )
+
+
 class KeydProcess:
     """A `keyd` subcommand run in the foreground with NOTIFY_SOCKET, as systemd would.
     Subclasses set `command`, `home`, `log_path` and `env`."""
@@ -71,6 +78,9 @@ class KeydProcess:
     log_path: Path
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
+    # Runs the command through this first (for example `unshare ... sh -c ...`),
+    # which must exec it so the pid stays the daemon's.
+    prefix: tuple[str, ...] = ()
 
     def start(self, *, wait: bool = True, env: dict[str, str] | None = None) -> None:
         notify_path = Path(tempfile.mkdtemp(prefix="keyd-notify-")) / "notify.sock"
@@ -83,7 +93,7 @@ class KeydProcess:
         child_env.update(env or {})
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                keyd_command(*self.command),
+                [*self.prefix, *keyd_command(*self.command)],
                 stderr=log,
                 stdout=subprocess.DEVNULL,
                 env=child_env,
@@ -156,8 +166,12 @@ class Daemon(KeydProcess):
         server_extra: str = "",
         store_extra: str = "",
         extra: str = "",
+        policy: str | None = None,
+        access_extra: str = "",
         env: dict[str, str] | None = None,
     ) -> None:
+        """`policy` is the policy file's TOML; by default the test's own uid may do
+        everything (the policy is not what most tests are about)."""
         self.home = home
         self.home.mkdir(mode=0o700, exist_ok=True)
         self.home.chmod(0o700)
@@ -168,13 +182,18 @@ class Daemon(KeydProcess):
         self.secret = home / "secret" / "store.key"
         self.config = home / "keyd.toml"
         self.log_path = home / "keyd.log"
+        self.policy = home / "policy.toml"
+        self.audit = home / "state" / "audit"
+        self.policy.write_text(policy if policy is not None else allow_everything(os.getuid()))
         self.config.write_text(
             "[server]\n"
             f'socket = "{self.socket}"\nnotary_socket = "{self.notary_socket}"\n'
             f"{server_extra}\n"
             "[store]\n"
             f'path = "{self.store}"\n'
-            f'secret_file = "{self.secret}"\n{store_extra}\n{extra}\n'
+            f'secret_file = "{self.secret}"\n{store_extra}\n'
+            f'[access]\npolicy = "{self.policy}"\n{access_extra}\n'
+            f"{extra}\n"
         )
         # Added to the daemon's environment (SOFTHSM2_CONF for SoftHSM tokens).
         self.env = dict(env or {})

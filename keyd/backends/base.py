@@ -74,9 +74,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def health(self) -> BackendHealth: ...
 
-    def discard_new(self, record: KeyRecord) -> None:
-        """Undo generate() for a key the catalog failed to record. Hardware backends
-        that only forget keys in delete() destroy it here."""
+    def destroy(self, record: KeyRecord) -> None:
+        """Remove the private key from its device for good: a key the catalog failed to
+        record, or a purge the operator confirmed. Hardware backends, whose delete()
+        only forgets, destroy here."""
         self.delete(record)
 
     def adopt(self, ref: DeviceKeyRef) -> GeneratedKey:

@@ -25,6 +25,8 @@ MAX_LABEL_VALUE = 256
 @unique
 class KeyState(Enum):
     ACTIVE = "active"
+    # Deleted but restorable until purge_after_unix_ms; cannot sign.
+    PENDING_DELETION = "pending_deletion"
 
 
 def _shown(value: str) -> str:
@@ -92,6 +94,10 @@ class KeyRecord:
     labels: Mapping[str, str] = field(default_factory=dict)
     created_unix_ms: int = 0
     state: KeyState = KeyState.ACTIVE
+    # Pending deletion only: when the key is purged, and whether the purge also
+    # destroys a hardware key on its device (otherwise keyd only forgets it).
+    purge_after_unix_ms: int = 0
+    destroy_on_purge: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "location", _frozen(self.location))

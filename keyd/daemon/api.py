@@ -16,10 +16,14 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from keyd import __version__, wire
+from keyd.audit import digest_payload
 from keyd.backends.base import DeviceKeyRef
+from keyd.core.identity import Operation
 from keyd.core.model import KeySelector
-from keyd.daemon.manager import KeyManager, Signature, SignItem, SignOutcome
-from keyd.errors import InvalidArgument, KeydError
+from keyd.daemon.access import Gate, Request, item_result
+from keyd.daemon.manager import Signature, SignItem, SignOutcome
+from keyd.errors import FailedPrecondition, InvalidArgument, KeydError
+from keyd.policy import KeyTarget
 from keyd.v1 import keyd_pb2 as pb
 from keyd.v1 import keyd_pb2_grpc as pb_grpc
 
@@ -65,100 +69,173 @@ def _fill_signature(message: pb.SignResponse, sig: Signature) -> None:
 
 
 class KeyServicer(pb_grpc.KeyServiceServicer):
-    def __init__(self, manager: KeyManager) -> None:
-        self._manager = manager
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
 
     @_rpc
     def CreateKey(self, request: pb.CreateKeyRequest, context: grpc.ServicerContext) -> pb.Key:
-        record = self._manager.create(
-            wire.key_type_from_pb(request.key_type),
-            backend=request.backend or "store",
-            role=request.role,
-            collection=request.collection,
-            labels=dict(request.labels),
-        )
-        return wire.key_to_pb(record)
+        with self._gate.begin(context, "CreateKey", Operation.CREATE) as call:
+            backend = request.backend or "store"
+            call.authorize_new(
+                KeyTarget(
+                    key_id="",
+                    role=request.role,
+                    collection=request.collection,
+                    backend=call.manager.backend_name(backend),
+                    labels=dict(request.labels),
+                )
+            )
+            record = call.manager.create(
+                wire.key_type_from_pb(request.key_type),
+                backend=backend,
+                role=request.role,
+                collection=request.collection,
+                labels=dict(request.labels),
+            )
+            call.key_id = record.key_id
+            return wire.key_to_pb(record)
 
     @_rpc
     def AdoptKey(self, request: pb.AdoptKeyRequest, context: grpc.ServicerContext) -> pb.Key:
-        record = self._manager.adopt(
-            DeviceKeyRef(id=request.device_key_id, label=request.device_label),
-            backend=request.backend,
-            role=request.role,
-            collection=request.collection,
-            labels=dict(request.labels),
-        )
-        return wire.key_to_pb(record)
+        with self._gate.begin(context, "AdoptKey", Operation.CREATE) as call:
+            call.authorize_new(
+                KeyTarget(
+                    key_id="",
+                    role=request.role,
+                    collection=request.collection,
+                    backend=call.manager.backend_name(request.backend),
+                    labels=dict(request.labels),
+                )
+            )
+            record = call.manager.adopt(
+                DeviceKeyRef(id=request.device_key_id, label=request.device_label),
+                backend=request.backend,
+                role=request.role,
+                collection=request.collection,
+                labels=dict(request.labels),
+            )
+            call.key_id = record.key_id
+            return wire.key_to_pb(record)
 
     @_rpc
     def GetKey(self, request: pb.GetKeyRequest, context: grpc.ServicerContext) -> pb.Key:
-        record, device = self._manager.describe(request.key_id)
-        return wire.key_to_pb(record, device)
+        with self._gate.begin(context, "GetKey", Operation.LIST) as call:
+            call.key_id = request.key_id
+            call.authorize(call.manager.get(request.key_id))
+            record, device = call.manager.describe(request.key_id)
+            return wire.key_to_pb(record, device)
 
     @_rpc
     def ListKeys(
         self, request: pb.ListKeysRequest, context: grpc.ServicerContext
     ) -> pb.ListKeysResponse:
-        selector = KeySelector(
-            role=request.role,
-            collection=request.collection,
-            backend=request.backend,
-            labels=dict(request.labels),
-        )
-        keys = [wire.key_to_pb(r) for r in self._manager.select(selector)]
-        return pb.ListKeysResponse(keys=keys)
+        with self._gate.begin(context, "ListKeys", Operation.LIST) as call:
+            call.authorize_any()
+            selector = KeySelector(
+                role=request.role,
+                collection=request.collection,
+                backend=request.backend,
+                labels=dict(request.labels),
+            )
+            # Only the keys the caller may list; others do not show.
+            keys = [wire.key_to_pb(r) for r in call.manager.select(selector) if call.allowed(r)]
+            return pb.ListKeysResponse(keys=keys)
 
     @_rpc
     def DeleteKey(
         self, request: pb.DeleteKeyRequest, context: grpc.ServicerContext
     ) -> pb.DeleteKeyResponse:
-        self._manager.delete(request.key_id)
-        return pb.DeleteKeyResponse()
+        with self._gate.begin(context, "DeleteKey", Operation.DELETE) as call:
+            call.key_id = request.key_id
+            record = call.manager.get(request.key_id)
+            call.authorize(record)
+            if request.destroy_on_device:
+                # Destroying a hardware key cannot be undone: admins only, and confirmed.
+                call.authorize(record, Operation.ADMIN)
+                if request.confirm_key_id != request.key_id:
+                    raise InvalidArgument(
+                        "destroying a key on its device needs confirm_key_id equal to the "
+                        "key ID (`keyd keys delete KEY --destroy-on-device --confirm KEY`)"
+                    )
+            record = call.manager.delete(
+                request.key_id, destroy_on_device=request.destroy_on_device
+            )
+            return pb.DeleteKeyResponse(key=wire.key_to_pb(record))
+
+    @_rpc
+    def RestoreKey(self, request: pb.RestoreKeyRequest, context: grpc.ServicerContext) -> pb.Key:
+        with self._gate.begin(context, "RestoreKey", Operation.DELETE) as call:
+            call.key_id = request.key_id
+            call.authorize(call.manager.get(request.key_id))
+            return wire.key_to_pb(call.manager.restore(request.key_id))
+
+    @_rpc
+    def PurgeKey(
+        self, request: pb.PurgeKeyRequest, context: grpc.ServicerContext
+    ) -> pb.PurgeKeyResponse:
+        with self._gate.begin(context, "PurgeKey", Operation.ADMIN) as call:
+            call.key_id = request.key_id
+            call.authorize(call.manager.get(request.key_id))
+            call.manager.purge(request.key_id)
+            return pb.PurgeKeyResponse()
 
 
 class SignServicer(pb_grpc.SignServiceServicer):
-    def __init__(self, manager: KeyManager, *, max_batch_items: int) -> None:
-        self._manager = manager
+    def __init__(self, gate: Gate, *, max_batch_items: int) -> None:
+        self._gate = gate
         self._max_batch = max_batch_items
 
     @_rpc
     def Sign(self, request: pb.SignRequest, context: grpc.ServicerContext) -> pb.SignResponse:
-        sig = self._manager.sign(
-            request.key_id,
-            wire.sign_input_from_pb(request),
-            wire.encoding_from_pb(request.encoding),
-        )
-        response = pb.SignResponse()
-        _fill_signature(response, sig)
-        return response
+        with self._gate.begin(context, "Sign", Operation.SIGN) as call:
+            data = wire.sign_input_from_pb(request)
+            if self._gate.enforcing:
+                call.key_id = request.key_id
+                call.payload_sha256 = digest_payload(data.payload)
+                call.authorize(call.manager.get(request.key_id))
+            sig = call.manager.sign(request.key_id, data, wire.encoding_from_pb(request.encoding))
+            response = pb.SignResponse()
+            _fill_signature(response, sig)
+            return response
 
     @_rpc
     def SignBatch(
         self, request: pb.SignBatchRequest, context: grpc.ServicerContext
     ) -> pb.SignBatchResponse:
-        return self._batch(request)
+        with self._gate.begin(context, "SignBatch", Operation.SIGN) as call:
+            return self._batch(call, request)
 
-    def _batch(self, batch: pb.SignBatchRequest) -> pb.SignBatchResponse:
+    def _batch(self, call: Request, batch: pb.SignBatchRequest) -> pb.SignBatchResponse:
         requests = batch.requests
         if len(requests) > self._max_batch:
             raise InvalidArgument(
                 f"batch of {len(requests)} requests; the limit is "
                 f"{self._max_batch} ([server] max_batch_items)"
             )
+        enforcing = self._gate.enforcing
         outcomes: list[SignOutcome | None] = [None] * len(requests)
+        digests = [""] * len(requests)
         items: list[SignItem] = []
         positions: list[int] = []
         for i, request in enumerate(requests):
             try:
                 data = wire.sign_input_from_pb(request)
                 encoding = wire.encoding_from_pb(request.encoding)
+                if enforcing:
+                    digests[i] = digest_payload(data.payload)
+                    call.authorize(call.manager.get(request.key_id))
             except KeydError as exc:
                 outcomes[i] = exc
                 continue
             items.append(SignItem(request.key_id, data, encoding))
             positions.append(i)
-        for i, signed in zip(positions, self._manager.sign_batch(items), strict=True):
+        for i, signed in zip(positions, call.manager.sign_batch(items), strict=True):
             outcomes[i] = signed
+        if enforcing:
+            call.items = [
+                (r.key_id, digest, item_result(outcome))
+                for r, digest, outcome in zip(requests, digests, outcomes, strict=True)
+            ]
         response = pb.SignBatchResponse()
         for outcome in outcomes:
             result = response.results.add()
@@ -174,28 +251,50 @@ class SignServicer(pb_grpc.SignServiceServicer):
 
 
 class StatusServicer(pb_grpc.StatusServiceServicer):
-    def __init__(self, manager: KeyManager, *, socket: str) -> None:
-        self._manager = manager
+    def __init__(self, gate: Gate, *, socket: str, audit_public_key: str) -> None:
+        self._gate = gate
         self._socket = socket
+        self._audit_public_key = audit_public_key
         self._started_ms = int(time.time() * 1000)
 
     @_rpc
     def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.ServicerContext
     ) -> pb.GetStatusResponse:
-        backends = [
-            pb.BackendStatus(
-                name=h.name, healthy=h.healthy, detail=h.detail, keys=count, state=h.state
+        with self._gate.begin(context, "GetStatus", Operation.LIST) as call:
+            call.authorize_any()
+            manager = call.manager
+            backends = [
+                pb.BackendStatus(
+                    name=h.name, healthy=h.healthy, detail=h.detail, keys=count, state=h.state
+                )
+                for h, count in manager.health()
+            ]
+            return pb.GetStatusResponse(
+                version=__version__,
+                started_unix_ms=self._started_ms,
+                keys=manager.key_count(),
+                backends=backends,
+                socket=self._socket,
+                access_mode="policy" if self._gate.enforcing else "open",
+                audit_public_key=self._audit_public_key,
             )
-            for h, count in self._manager.health()
-        ]
-        return pb.GetStatusResponse(
-            version=__version__,
-            started_unix_ms=self._started_ms,
-            keys=self._manager.key_count(),
-            backends=backends,
-            socket=self._socket,
-        )
+
+    @_rpc
+    def WhoAmI(self, request: pb.WhoAmIRequest, context: grpc.ServicerContext) -> pb.WhoAmIResponse:
+        with self._gate.begin(context, "WhoAmI", None) as call:
+            caller = call.caller
+            if caller is None:
+                raise FailedPrecondition('keyd does not identify callers ([access] mode = "open")')
+            return pb.WhoAmIResponse(
+                uid=caller.uid,
+                gid=caller.gid,
+                pid=caller.pid,
+                groups=sorted(caller.groups),
+                user=caller.user,
+                executable=caller.exe,
+                socket=caller.socket,
+            )
 
 
 SERVICE_NAMES = tuple(
@@ -205,10 +304,17 @@ SERVICE_NAMES = tuple(
 
 
 def add_servicers(
-    server: grpc.Server, manager: KeyManager, *, socket: str, max_batch_items: int
+    server: grpc.Server,
+    gate: Gate,
+    *,
+    socket: str,
+    max_batch_items: int,
+    audit_public_key: str = "",
 ) -> None:
-    pb_grpc.add_KeyServiceServicer_to_server(KeyServicer(manager), server)
+    pb_grpc.add_KeyServiceServicer_to_server(KeyServicer(gate), server)
     pb_grpc.add_SignServiceServicer_to_server(
-        SignServicer(manager, max_batch_items=max_batch_items), server
+        SignServicer(gate, max_batch_items=max_batch_items), server
     )
-    pb_grpc.add_StatusServiceServicer_to_server(StatusServicer(manager, socket=socket), server)
+    pb_grpc.add_StatusServiceServicer_to_server(
+        StatusServicer(gate, socket=socket, audit_public_key=audit_public_key), server
+    )

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import logging
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -169,8 +170,11 @@ class Scope:
     need_collection: bool
 
     def allows(self, record: KeyRecord) -> bool:
+        # A key pending deletion is gone for a restricted caller (Notary's DeleteKey
+        # is then idempotent); restoring it is for the main socket.
         return (
-            record.backend in self.backends
+            record.state is KeyState.ACTIVE
+            and record.backend in self.backends
             and record.role in self.roles
             and (bool(record.collection) or not self.need_collection)
         )
@@ -203,11 +207,13 @@ class KeyManager:
         *,
         verify_store_signatures: bool,
         max_payload_bytes: int,
+        deletion_window_seconds: float = 7 * 86400,
     ) -> None:
         self._catalog = catalog
         self._backends = dict(backends)
         self._verify_store = verify_store_signatures
         self._max_payload = max_payload_bytes
+        self._deletion_window = deletion_window_seconds
         self._limits: dict[str, _InFlight | None] = {
             name: _InFlight(name, b.max_in_flight) if b.max_in_flight else None
             for name, b in self._backends.items()
@@ -231,6 +237,15 @@ class KeyManager:
         return record
 
     # -- key management -------------------------------------------------------
+
+    def backend_name(self, name: str) -> str:
+        """The full name a request's backend stands for ("pkcs11" -> "pkcs11:hsm"), for
+        the policy; a name that resolves to nothing is returned as given (create()
+        explains the problem, after the caller's scope is checked)."""
+        try:
+            return self._backend(name).name
+        except InvalidArgument:
+            return name
 
     def _backend(self, name: str) -> Backend:
         backend = self._backends.get(name)
@@ -341,15 +356,92 @@ class KeyManager:
             records = [r for r in records if self._scope.allows(r)]
         return records
 
-    def delete(self, key_id: str) -> None:
-        self.get(key_id)  # NOT_FOUND for keys outside this view's scope
-        record = self._catalog.remove(check_key_id(key_id))
+    def delete(self, key_id: str, *, destroy_on_device: bool = False) -> KeyRecord:
+        """Move a key to pending deletion: it stops signing at once and can be restored
+        until its window ends, when purge_due() removes it."""
+        record = self.get(key_id)  # NOT_FOUND for keys outside this view's scope
+        if record.state is KeyState.PENDING_DELETION:
+            raise FailedPrecondition(
+                f"key {key_id} is already pending deletion; `keyd keys restore` brings it "
+                "back, `keyd keys purge` removes it now"
+            )
+        if destroy_on_device and record.backend == "store":
+            raise InvalidArgument("store keys are always destroyed at purge; drop the flag")
+        purge_after = int(time.time() * 1000) + int(self._deletion_window * 1000)
         with self._plans_lock:
+            # Under the plans lock: a plan built concurrently is not kept (see _plan).
+            record = self._catalog.set_state(
+                key_id,
+                KeyState.PENDING_DELETION,
+                purge_after_unix_ms=purge_after,
+                destroy_on_purge=destroy_on_device,
+            )
             self._plans.pop(key_id, None)
-        # Catalog first: a failure after this leaves an orphan on a device, never a
-        # catalog row that points at nothing.
-        self._backends[record.backend].delete(record)
-        log.info("key deleted", extra={"key_id": key_id, "backend": record.backend})
+        log.info(
+            "key pending deletion",
+            extra={"key_id": key_id, "purge_after_ms": purge_after, "destroy": destroy_on_device},
+        )
+        return record
+
+    def restore(self, key_id: str) -> KeyRecord:
+        record = self.get(key_id)
+        if record.state is not KeyState.PENDING_DELETION:
+            raise FailedPrecondition(f"key {key_id} is not pending deletion")
+        record = self._catalog.set_state(key_id, KeyState.ACTIVE)
+        log.info("key restored", extra={"key_id": key_id})
+        return record
+
+    def purge(self, key_id: str) -> None:
+        """Remove a key pending deletion now, without waiting for its window."""
+        record = self.get(key_id)
+        if record.state is not KeyState.PENDING_DELETION:
+            raise FailedPrecondition(
+                f"key {key_id} is not pending deletion; delete it first (`keyd keys delete`)"
+            )
+        self._purge(record)
+
+    def purge_due(self, now_ms: int | None = None) -> list[str]:
+        """Purge every key whose deletion window has ended; returns their IDs."""
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        due = [
+            r
+            for r in self._catalog.select(KeySelector())
+            if r.state is KeyState.PENDING_DELETION and r.purge_after_unix_ms <= now_ms
+        ]
+        purged = []
+        for record in due:
+            try:
+                self._purge(record)
+            except KeydError as exc:
+                log.error("purge failed", extra={"key_id": record.key_id, "error": exc.message})
+                continue
+            purged.append(record.key_id)
+        return purged
+
+    def _purge(self, record: KeyRecord) -> None:
+        backend = self._backends.get(record.backend)
+        if record.destroy_on_purge:
+            if backend is None:
+                raise Unavailable(
+                    f"key {record.key_id} must be destroyed on backend {record.backend!r}, "
+                    "which is not configured; it stays pending"
+                )
+            # Device first: if destroying fails, the key stays pending and is retried.
+            with self._limited(backend):
+                backend.destroy(record)
+        self._catalog.remove(record.key_id)
+        # Catalog first for a plain forget: a failure after this leaves an orphan on a
+        # device, never a catalog row that points at nothing.
+        if backend is not None and not record.destroy_on_purge:
+            backend.delete(record)
+        log.info(
+            "key purged",
+            extra={
+                "key_id": record.key_id,
+                "backend": record.backend,
+                "destroyed": record.destroy_on_purge or record.backend == "store",
+            },
+        )
 
     # -- signing ----------------------------------------------------------------
 
@@ -400,7 +492,10 @@ class KeyManager:
         checked once and kept until the key is deleted."""
         record = self._catalog.get(check_key_id(key_id))
         if record.state is not KeyState.ACTIVE:
-            raise FailedPrecondition(f"key {key_id} is {record.state.value}; it cannot sign")
+            raise FailedPrecondition(
+                f"key {key_id} is {record.state.value.replace('_', ' ')}; it cannot sign "
+                "(`keyd keys restore` brings it back)"
+            )
         resolved = encoding.resolve(record.key_type)
         backend = self._backends.get(record.backend)
         if backend is None:
@@ -414,7 +509,8 @@ class KeyManager:
             limit=limit if isinstance(limit, _InFlight) else None,
         )
         with self._plans_lock:
-            if key_id in self._catalog:  # not deleted meanwhile
+            current = self._catalog.get(key_id) if key_id in self._catalog else None
+            if current is not None and current.state is KeyState.ACTIVE:  # not deleted meanwhile
                 self._plans.setdefault(key_id, {})[encoding] = plan
         return plan
 
@@ -468,7 +564,7 @@ class KeyManager:
 
 def _best_effort_discard(backend: Backend, record: KeyRecord) -> None:
     try:
-        backend.discard_new(record)
+        backend.destroy(record)
     except KeydError as exc:
         log.error(
             "could not remove a key that was never recorded",

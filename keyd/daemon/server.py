@@ -11,6 +11,7 @@ no call holds a thread while it waits for a client.
 
 from __future__ import annotations
 
+import base64
 import errno
 import grp
 import logging
@@ -19,6 +20,7 @@ import signal
 import socket
 import stat
 import threading
+import time
 from collections.abc import Mapping
 from concurrent import futures
 from dataclasses import dataclass
@@ -26,24 +28,35 @@ from pathlib import Path
 from types import FrameType
 
 import grpc
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from keyd.audit import RESULT_OK, AuditEvent, AuditLog
 from keyd.backends.base import Backend
 from keyd.backends.pkcs11 import Pkcs11Backend
 from keyd.backends.store import StoreBackend
-from keyd.config import Config
+from keyd.config import AccessMode, Config
+from keyd.core.identity import Caller, Operation
 from keyd.daemon import api, logs
+from keyd.daemon.access import Gate
 from keyd.daemon.manager import NOTARY_SCOPE, KeyManager
 from keyd.daemon.notify import notify, watchdog_interval
-from keyd.errors import StartupError
+from keyd.daemon.peers import Relay, bind_public_socket
+from keyd.errors import KeydError, StartupError
+from keyd.policy import Policy
+from keyd.store.audit_state import AuditState
 from keyd.store.catalog import Catalog
 from keyd.store.database import Database
 from keyd.store.secret import load_store_secret
+from keyd.v1 import keyd_pb2 as pb
+from keyd.v1 import keyd_pb2_grpc as pb_grpc
 
 log = logging.getLogger("keyd.server")
 
 SOCKET_MODE = 0o660
+# Keys whose deletion window ended are purged at least this often.
+_PURGE_SECONDS = 3600.0
 # Room for the protobuf framing around the largest payload, and for batches.
 _MESSAGE_OVERHEAD = 1024 * 1024
 
@@ -102,73 +115,208 @@ def _socket_gid(group: str, field: str) -> int | None:
 
 
 @dataclass
-class RunningServer:
-    server: grpc.Server
-    health: health.HealthServicer
-    socket_path: Path
-    socket_inode: int
+class Service:
+    """Everything that serves requests: gRPC server(s), the relay, the audit log."""
+
+    servers: list[tuple[grpc.Server, health.HealthServicer]]
+    sockets: list[tuple[Path, int]]  # path and inode, to remove only our own socket
+    gate: Gate | None = None
+    relay: Relay | None = None
+    audit: AuditLog | None = None
+
+    def describe_sockets(self) -> str:
+        return " and ".join(str(path) for path, _ in self.sockets)
 
     def stop(self, grace: float) -> None:
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
-        self.remove_socket()
+        """Stop taking calls on every socket at once, then drain within one grace period."""
+        if self.relay is not None:
+            self.relay.stop_accepting()
+        for _, health_servicer in self.servers:
+            health_servicer.enter_graceful_shutdown()
+        events = [server.stop(grace) for server, _ in self.servers]
+        for event in events:
+            event.wait()
+        if self.relay is not None:
+            self.relay.stop()
+        if self.audit is not None:
+            self.audit.close()
+        for path, inode in self.sockets:
+            try:
+                if path.lstat().st_ino == inode:
+                    path.unlink()
+            except FileNotFoundError:
+                pass
 
-    def remove_socket(self) -> None:
+    def reload_policy(self, config: Config) -> None:
+        """SIGHUP: a valid new policy replaces the old one; an invalid one is refused."""
+        if self.gate is None or self.relay is None:
+            log.info("SIGHUP ignored: [access] mode is open, there is no policy")
+            return
         try:
-            if self.socket_path.lstat().st_ino == self.socket_inode:
-                self.socket_path.unlink()
-        except FileNotFoundError:
-            pass
+            policy = Policy.load(config.access.policy)
+        except KeydError as exc:
+            log.error("new policy refused; the previous one stays", extra={"error": exc.message})
+            return
+        self.gate.policy = policy
+        self.relay.clear_caches()
+        log.info("policy reloaded", extra={"policy": str(policy.path), "rules": policy.rule_count})
 
 
-def start_server(manager: KeyManager, config: Config) -> list[RunningServer]:
-    """Serve the main socket and, when configured, the notary socket (same threads)."""
+def start_service(
+    manager: KeyManager, config: Config, audit_state: AuditState | None = None
+) -> Service:
+    """Serve the main socket and, when configured, the notary socket."""
     server_config = config.server
+    sockets = [(server_config.socket, server_config.socket_group, "socket_group", "main")]
+    if server_config.notary_socket is not None:
+        sockets.append(
+            (
+                server_config.notary_socket,
+                server_config.notary_socket_group,
+                "notary_socket_group",
+                "notary",
+            )
+        )
+    views = {"main": manager, "notary": manager.scoped(NOTARY_SCOPE)}
     pool = futures.ThreadPoolExecutor(
         max_workers=server_config.worker_threads + manager.blocking_threads(),
         thread_name_prefix="keyd-worker",
     )
-    running = [
-        _serve_socket(
-            manager,
+    if config.access.mode is AccessMode.OPEN:
+        log.warning(
+            "[access] mode is open: callers are not identified, authorised or audited; "
+            "anyone who can open the socket may use every key"
+        )
+        return _start_open(views, config, pool, sockets)
+    if audit_state is None:
+        raise StartupError("[access] mode policy needs the store's audit state")
+    return _start_policy(views, config, pool, sockets, audit_state)
+
+
+def _start_open(
+    views: Mapping[str, KeyManager],
+    config: Config,
+    pool: futures.ThreadPoolExecutor,
+    sockets: list[tuple[Path, str, str, str]],
+) -> Service:
+    # One gRPC server per socket, each with its fixed view of the keys.
+    service = Service(servers=[], sockets=[])
+    try:
+        for path, group, field, name in sockets:
+            gid = _socket_gid(group, field)
+            prepare_socket_path(path)
+            server, health_servicer = _grpc_server(
+                Gate({"main": views[name]}), config, pool, socket=str(path)
+            )
+            _listen(server, f"unix:{path}", str(path))
+            server.start()
+            service.servers.append((server, health_servicer))
+            service.sockets.append((path, _share_socket(path, gid, group, server)))
+    except BaseException:
+        service.stop(0)
+        raise
+    return service
+
+
+def _start_policy(
+    views: Mapping[str, KeyManager],
+    config: Config,
+    pool: futures.ThreadPoolExecutor,
+    sockets: list[tuple[Path, str, str, str]],
+    audit_state: AuditState,
+) -> Service:
+    policy = Policy.load(config.access.policy)
+    if not policy.rule_count:
+        log.warning(
+            "the policy grants nothing: every request will be denied",
+            extra={"policy": str(policy.path)},
+        )
+    key = audit_state.checkpoint_key()
+    public = key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    public_b64 = base64.b64encode(public).decode("ascii")
+
+    def on_checkpoint(seq: int, record_hash: str) -> None:
+        audit_state.record_head(seq, record_hash)
+        # The journal keeps a second copy of each head, out of the log's reach.
+        log.info("audit checkpoint", extra={"seq": seq, "head": record_hash})
+
+    audit = AuditLog.open(
+        config.audit_directory,
+        signer=key.sign,
+        public_key=public,
+        rotate_bytes=config.audit.rotate_bytes,
+        checkpoint_seconds=config.audit.checkpoint_seconds,
+        fsync_each=config.audit.fsync_each,
+        expected_head=audit_state.head(),
+        on_checkpoint=on_checkpoint,
+    )
+    service = Service(servers=[], sockets=[], audit=audit)
+    try:
+        listeners = []
+        for path, group, field, name in sockets:
+            gid = _socket_gid(group, field)
+            prepare_socket_path(path)
+            listeners.append(bind_public_socket(path, name))
+            service.sockets.append((path, _share_socket(path, gid, group, None)))
+        relay = Relay(listeners)
+        service.relay = relay
+        gate = Gate(views, peers=relay.peers, policy=policy, audit=audit)
+        service.gate = gate
+        server, health_servicer = _grpc_server(
+            gate,
             config,
             pool,
-            path=server_config.socket,
-            group=server_config.socket_group,
-            group_field="socket_group",
+            socket=str(config.server.socket),
+            audit_public_key=public_b64,
         )
-    ]
-    if server_config.notary_socket is not None:
+        _listen(server, relay.grpc_address, "keyd's private listener")
+        server.start()
+        service.servers.append((server, health_servicer))
+        relay.start()
+        _check_identity(config.server.socket)
+    except BaseException:
+        service.stop(0)
+        raise
+    log.info(
+        "callers are identified, authorised and audited",
+        extra={
+            "policy": str(policy.path),
+            "rules": policy.rule_count,
+            "audit": str(config.audit_directory),
+            "audit_public_key": public_b64,
+        },
+    )
+    return service
+
+
+def _check_identity(socket_path: Path) -> None:
+    """Ask the running server who we are: proves, once per start, that this grpcio
+    still reports peers the way the relay relies on (pinned, but checked anyway)."""
+    with grpc.insecure_channel(f"unix:{socket_path}") as channel:
         try:
-            running.append(
-                _serve_socket(
-                    manager.scoped(NOTARY_SCOPE),
-                    config,
-                    pool,
-                    path=server_config.notary_socket,
-                    group=server_config.notary_socket_group,
-                    group_field="notary_socket_group",
-                )
-            )
-        except BaseException:
-            running[0].stop(0)
-            raise
-    return running
+            me = pb_grpc.StatusServiceStub(channel).WhoAmI(pb.WhoAmIRequest(), timeout=10)
+        except grpc.RpcError as exc:
+            raise StartupError(
+                f"caller identity does not work on this system ({exc.details()}); keyd refuses "
+                'to serve without it. Set [access] mode = "open" only to investigate'
+            ) from None
+    if (me.uid, me.pid) != (os.getuid(), os.getpid()):
+        raise StartupError(
+            f"caller identity is wrong: keyd sees itself as uid {me.uid}, pid {me.pid}"
+        )
 
 
-def _serve_socket(
-    manager: KeyManager,
+def _grpc_server(
+    gate: Gate,
     config: Config,
     pool: futures.ThreadPoolExecutor,
     *,
-    path: Path,
-    group: str,
-    group_field: str,
-) -> RunningServer:
-    """Bind one Unix socket (0660, the configured group) and start serving it."""
+    socket: str,
+    audit_public_key: str = "",
+) -> tuple[grpc.Server, health.HealthServicer]:
     server_config = config.server
-    gid = _socket_gid(group, group_field)
-    prepare_socket_path(path)
     limit = server_config.max_payload_bytes + _MESSAGE_OVERHEAD
     server = grpc.server(
         pool,
@@ -180,9 +328,10 @@ def _serve_socket(
     )
     api.add_servicers(
         server,
-        manager,
-        socket=str(path),
+        gate,
+        socket=socket,
         max_batch_items=server_config.max_batch_items,
+        audit_public_key=audit_public_key,
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -191,25 +340,32 @@ def _serve_socket(
     reflection.enable_server_reflection(
         (*api.SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+    return server, health_servicer
+
+
+def _listen(server: grpc.Server, address: str, shown: str) -> None:
     try:
-        server.add_insecure_port(f"unix:{path}")
+        server.add_insecure_port(address)
     except RuntimeError as exc:
-        raise StartupError(f"cannot listen on {path}: {exc}") from None
-    server.start()
-    # The umask made the socket 0600 at bind; open it to the group only now.
+        raise StartupError(f"cannot listen on {shown}: {exc}") from None
+
+
+def _share_socket(path: Path, gid: int | None, group: str, server: grpc.Server | None) -> int:
+    """Open a socket to its group (the umask made it 0600 at bind); returns its inode."""
     os.chmod(path, SOCKET_MODE)
     if gid is not None:
         try:
             os.chown(path, -1, gid)
         except PermissionError:
-            server.stop(0)
+            if server is not None:
+                server.stop(0)
             raise StartupError(
                 f"cannot give {path} to group {group!r}: keyd's user "
                 "must be a member of it, and no seccomp filter may forbid chown (under "
                 "systemd/keyd.service leave socket_group unset: the socket already gets "
                 "the service's group)"
             ) from None
-    return RunningServer(server, health_servicer, path, path.lstat().st_ino)
+    return path.lstat().st_ino
 
 
 def open_manager(
@@ -232,6 +388,7 @@ def open_manager(
         backends,
         verify_store_signatures=config.store.verify_signatures,
         max_payload_bytes=config.server.max_payload_bytes,
+        deletion_window_seconds=config.keys.deletion_window_days * 86400,
     )
     return db, manager
 
@@ -251,21 +408,23 @@ def serve(config: Config) -> int:
     logs.configure(config.log.level)
     os.umask(0o077)
     stop = threading.Event()
+    reload = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, lambda signum, frame: reload.set())
 
     db, manager = open_manager(config)
     try:
-        running = start_server(manager, config)
+        service = start_service(manager, config, AuditState(db))
     except BaseException:
         db.close()
         raise
     keys = manager.key_count()
-    sockets = " and ".join(str(r.socket_path) for r in running)
+    sockets = service.describe_sockets()
     log.info("keyd ready", extra={"socket": sockets, "keys": keys})
     notify(f"READY=1\nSTATUS=serving {keys} keys on {sockets}")
     threading.Thread(target=manager.warm_up, name="keyd-warm-up", daemon=True).start()
@@ -275,20 +434,44 @@ def serve(config: Config) -> int:
             target=_watchdog, args=(db, interval, stop), name="keyd-watchdog", daemon=True
         ).start()
 
-    while not stop.wait(1.0):
-        pass
+    purge_every = min(_PURGE_SECONDS, max(1.0, config.keys.deletion_window_days * 86400 / 4))
+    next_purge = 0.0
+    while not stop.wait(1.0 if not reload.is_set() else 0):
+        if reload.is_set():
+            reload.clear()
+            service.reload_policy(config)
+        if time.monotonic() >= next_purge:
+            next_purge = time.monotonic() + purge_every
+            _purge_due(manager, service)
     grace = config.server.shutdown_grace_seconds
     log.info("stopping: draining in-flight requests", extra={"grace_seconds": grace})
     notify("STOPPING=1\nSTATUS=draining requests")
-    # Both sockets stop taking calls at once, then drain within one grace period.
-    for server in running:
-        server.health.enter_graceful_shutdown()
-    events = [server.server.stop(grace) for server in running]
-    for event in events:
-        event.wait()
-    for server in running:
-        server.remove_socket()
+    service.stop(grace)
     manager.close()
     db.close()
     log.info("keyd stopped")
     return 0
+
+
+def _purge_due(manager: KeyManager, service: Service) -> None:
+    purged = manager.purge_due()
+    if purged and service.audit is not None:
+        # The daemon's own act, recorded like a request.
+        me = Caller(
+            uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), groups=frozenset(), socket="keyd"
+        )
+        try:
+            service.audit.append_many(
+                [
+                    AuditEvent(
+                        caller=me,
+                        method="PurgeDue",
+                        operation=Operation.ADMIN.value,
+                        key_id=key_id,
+                        result=RESULT_OK,
+                    )
+                    for key_id in purged
+                ]
+            )
+        except KeydError as exc:
+            log.error("purges not audited", extra={"error": exc.message, "keys": len(purged)})

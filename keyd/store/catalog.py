@@ -20,7 +20,8 @@ from keyd.errors import AlreadyExists, Internal, NotFound, StoreError
 from keyd.store.database import Database, Row
 
 _COLUMNS = (
-    "key_id, key_type, public_key, backend, location, role, collection, labels, created_ms, state"
+    "key_id, key_type, public_key, backend, location, role, collection, labels, created_ms, "
+    "state, purge_after_ms, destroy_on_purge"
 )
 
 
@@ -39,7 +40,8 @@ class Catalog:
 
     @staticmethod
     def _from_row(row: Row) -> KeyRecord:
-        key_id, key_type, public, backend, location, role, collection, labels, created, state = row
+        (key_id, key_type, public, backend, location, role, collection, labels, created, state,
+         purge_after, destroy) = row  # fmt: skip
         try:
             record = KeyRecord(
                 public_key=PublicKey.from_notary_bytes(KeyType(key_type), public, trusted=True),
@@ -50,6 +52,8 @@ class Catalog:
                 labels=json.loads(labels),
                 created_unix_ms=created,
                 state=KeyState(state),
+                purge_after_unix_ms=purge_after,
+                destroy_on_purge=bool(destroy),
             )
         except (ValueError, KeyError) as exc:
             raise StoreError(f"catalog row for key {key_id} is unreadable: {exc}") from None
@@ -86,7 +90,7 @@ class Catalog:
                 raise AlreadyExists(f"key {record.key_id} is already in the catalog")
             with self._db.transaction() as conn:
                 conn.execute(
-                    f"INSERT INTO keys ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
+                    f"INSERT INTO keys ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
                     (
                         record.key_id,
                         record.key_type.value,
@@ -98,6 +102,8 @@ class Catalog:
                         _dump(record.labels),
                         record.created_unix_ms,
                         record.state.value,
+                        record.purge_after_unix_ms,
+                        int(record.destroy_on_purge),
                     ),
                 )
                 if private_pkcs8 is not None:
@@ -106,6 +112,31 @@ class Catalog:
                         (record.key_id, private_pkcs8),
                     )
             self._records[record.key_id] = record
+        return record
+
+    def set_state(
+        self,
+        key_id: str,
+        state: KeyState,
+        *,
+        purge_after_unix_ms: int = 0,
+        destroy_on_purge: bool = False,
+    ) -> KeyRecord:
+        """Change a key's state (pending deletion and back) durably."""
+        with self._lock:
+            record = replace(
+                self.get(key_id),
+                state=state,
+                purge_after_unix_ms=purge_after_unix_ms,
+                destroy_on_purge=destroy_on_purge,
+            )
+            with self._db.transaction() as conn:
+                conn.execute(
+                    "UPDATE keys SET state = ?, purge_after_ms = ?, destroy_on_purge = ? "
+                    "WHERE key_id = ?",
+                    (state.value, purge_after_unix_ms, int(destroy_on_purge), key_id),
+                )
+            self._records[key_id] = record
         return record
 
     def remove(self, key_id: str) -> KeyRecord:

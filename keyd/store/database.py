@@ -23,7 +23,7 @@ import sqlcipher3
 from keyd.errors import StoreError
 from keyd.store.secret import StoreSecret
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE keys (
@@ -36,13 +36,37 @@ CREATE TABLE keys (
     collection  TEXT NOT NULL,
     labels      TEXT NOT NULL,     -- JSON object of strings
     created_ms  INTEGER NOT NULL,
-    state       TEXT NOT NULL
+    state       TEXT NOT NULL,
+    purge_after_ms   INTEGER NOT NULL DEFAULT 0,
+    destroy_on_purge INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 -- Private keys of store keys (PKCS#8 DER), only ever written with their catalog row.
 CREATE TABLE store_private_keys (
     key_id      TEXT PRIMARY KEY REFERENCES keys(key_id) ON DELETE CASCADE,
     pkcs8       BLOB NOT NULL
 ) WITHOUT ROWID;
+-- The audit log's checkpoint key (PKCS#8 DER) and the last checkpoint written, so a
+-- truncated or replaced log is noticed at start.
+CREATE TABLE audit_state (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    pkcs8       BLOB NOT NULL,
+    head_seq    INTEGER NOT NULL DEFAULT 0,
+    head_hash   TEXT NOT NULL DEFAULT ''
+);
+"""
+
+# Version 1 -> 2: pending deletion, and the audit log's key and last checkpoint.
+_MIGRATE_1_TO_2 = """
+ALTER TABLE keys ADD COLUMN purge_after_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE keys ADD COLUMN destroy_on_purge INTEGER NOT NULL DEFAULT 0;
+-- The audit log's checkpoint key (PKCS#8 DER) and the last checkpoint written, so a
+-- truncated or replaced log is noticed at start.
+CREATE TABLE audit_state (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    pkcs8       BLOB NOT NULL,
+    head_seq    INTEGER NOT NULL DEFAULT 0,
+    head_hash   TEXT NOT NULL DEFAULT ''
+);
 """
 
 Row = tuple[Any, ...]
@@ -102,11 +126,7 @@ class Database:
             lock_fd = _lock(path)
             conn = _connect(path, secret)
             try:
-                with _transaction(conn):
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                _migrate(conn, _SCHEMA, SCHEMA_VERSION)
                 conn.execute("PRAGMA journal_mode = WAL")
             except sqlcipher3.Error as exc:
                 conn.close()
@@ -143,6 +163,13 @@ class Database:
                 conn.close()
                 detail = "; ".join(str(r[0]) for r in check[:3])
                 raise StoreError(f"store {path} is damaged: {detail}. Restore it from a backup")
+            if version == 1:
+                try:
+                    _migrate(conn, _MIGRATE_1_TO_2, 2)
+                except sqlcipher3.Error as exc:
+                    conn.close()
+                    raise StoreError(f"cannot upgrade store {path} to version 2: {exc}") from None
+                version = 2
             if version != SCHEMA_VERSION:
                 conn.close()
                 raise StoreError(
@@ -188,6 +215,14 @@ class Database:
             self._conn.close()
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _migrate(conn: sqlcipher3.Connection, script: str, version: int) -> None:
+    with _transaction(conn):
+        for statement in script.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {version}")
 
 
 def _connect(path: Path, secret: StoreSecret) -> sqlcipher3.Connection:

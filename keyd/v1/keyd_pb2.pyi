@@ -61,11 +61,19 @@ class _KeyStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KeyState.Val
     DESCRIPTOR: _descriptor.EnumDescriptor
     KEY_STATE_UNSPECIFIED: _KeyState.ValueType  # 0
     KEY_STATE_ACTIVE: _KeyState.ValueType  # 1
+    KEY_STATE_PENDING_DELETION: _KeyState.ValueType  # 2
+    """Deleted: cannot sign; RestoreKey brings it back until purge_after_unix_ms,
+    when keyd purges it (PurgeKey does it at once).
+    """
 
 class KeyState(_KeyState, metaclass=_KeyStateEnumTypeWrapper): ...
 
 KEY_STATE_UNSPECIFIED: KeyState.ValueType  # 0
 KEY_STATE_ACTIVE: KeyState.ValueType  # 1
+KEY_STATE_PENDING_DELETION: KeyState.ValueType  # 2
+"""Deleted: cannot sign; RestoreKey brings it back until purge_after_unix_ms,
+when keyd purges it (PurgeKey does it at once).
+"""
 Global___KeyState: _TypeAlias = KeyState  # noqa: Y015
 
 class _SignatureEncoding:
@@ -173,6 +181,8 @@ class Key(_message.Message):
     TUF_KEYTYPE_FIELD_NUMBER: _builtins.int
     TUF_SCHEME_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
+    PURGE_AFTER_UNIX_MS_FIELD_NUMBER: _builtins.int
+    DESTROY_ON_PURGE_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """Notary/TUF key ID: sha256 of the canonical JSON of keytype and the public key
     with "private": null. keyd's primary key ID.
@@ -193,6 +203,11 @@ class Key(_message.Message):
     tuf_keytype: _builtins.str
     """TUF keytype and scheme for the securesystemslib form of the key."""
     tuf_scheme: _builtins.str
+    purge_after_unix_ms: _builtins.int
+    """Pending deletion only: when keyd purges the key, and whether the purge also
+    destroys it on its device (otherwise a device key is only forgotten).
+    """
+    destroy_on_purge: _builtins.bool
     @_builtins.property
     def location(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Where on the backend the key lives (token and CKA_ID, serial and slot...)."""
@@ -223,10 +238,12 @@ class Key(_message.Message):
         tuf_keytype: _builtins.str = ...,
         tuf_scheme: _builtins.str = ...,
         device: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        purge_after_unix_ms: _builtins.int = ...,
+        destroy_on_purge: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "collection", b"collection", "created_unix_ms", b"created_unix_ms", "device", b"device", "key_id", b"key_id", "key_type", b"key_type", "labels", b"labels", "location", b"location", "public_key", b"public_key", "public_key_pem", b"public_key_pem", "role", b"role", "state", b"state", "tuf_key_id", b"tuf_key_id", "tuf_keytype", b"tuf_keytype", "tuf_scheme", b"tuf_scheme"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "collection", b"collection", "created_unix_ms", b"created_unix_ms", "destroy_on_purge", b"destroy_on_purge", "device", b"device", "key_id", b"key_id", "key_type", b"key_type", "labels", b"labels", "location", b"location", "public_key", b"public_key", "public_key_pem", b"public_key_pem", "purge_after_unix_ms", b"purge_after_unix_ms", "role", b"role", "state", b"state", "tuf_key_id", b"tuf_key_id", "tuf_keytype", b"tuf_keytype", "tuf_scheme", b"tuf_scheme"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -440,6 +457,58 @@ Global___ListKeysResponse: _TypeAlias = ListKeysResponse  # noqa: Y015
 
 @_typing.final
 class DeleteKeyRequest(_message.Message):
+    """Moves a key to pending deletion ([keys] deletion_window_days, default 7)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    DESTROY_ON_DEVICE_FIELD_NUMBER: _builtins.int
+    CONFIRM_KEY_ID_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    destroy_on_device: _builtins.bool
+    """Also destroy a hardware key on its device when it is purged (admin permission).
+    Needs confirm_key_id equal to key_id. Store keys are always destroyed at purge.
+    """
+    confirm_key_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        destroy_on_device: _builtins.bool = ...,
+        confirm_key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirm_key_id", b"confirm_key_id", "destroy_on_device", b"destroy_on_device", "key_id", b"key_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteKeyRequest: _TypeAlias = DeleteKeyRequest  # noqa: Y015
+
+@_typing.final
+class DeleteKeyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key(self) -> Global___Key:
+        """the key, now pending deletion"""
+
+    def __init__(
+        self,
+        *,
+        key: Global___Key | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteKeyResponse: _TypeAlias = DeleteKeyResponse  # noqa: Y015
+
+@_typing.final
+class RestoreKeyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_ID_FIELD_NUMBER: _builtins.int
@@ -455,10 +524,31 @@ class DeleteKeyRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DeleteKeyRequest: _TypeAlias = DeleteKeyRequest  # noqa: Y015
+Global___RestoreKeyRequest: _TypeAlias = RestoreKeyRequest  # noqa: Y015
 
 @_typing.final
-class DeleteKeyResponse(_message.Message):
+class PurgeKeyRequest(_message.Message):
+    """Purge a key that is pending deletion now, without waiting for its window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurgeKeyRequest: _TypeAlias = PurgeKeyRequest  # noqa: Y015
+
+@_typing.final
+class PurgeKeyResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -470,7 +560,7 @@ class DeleteKeyResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DeleteKeyResponse: _TypeAlias = DeleteKeyResponse  # noqa: Y015
+Global___PurgeKeyResponse: _TypeAlias = PurgeKeyResponse  # noqa: Y015
 
 @_typing.final
 class SignRequest(_message.Message):
@@ -685,10 +775,18 @@ class GetStatusResponse(_message.Message):
     KEYS_FIELD_NUMBER: _builtins.int
     BACKENDS_FIELD_NUMBER: _builtins.int
     SOCKET_FIELD_NUMBER: _builtins.int
+    ACCESS_MODE_FIELD_NUMBER: _builtins.int
+    AUDIT_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     started_unix_ms: _builtins.int
     keys: _builtins.int
     socket: _builtins.str
+    access_mode: _builtins.str
+    """"policy": callers are identified, authorised and audited; "open": not."""
+    audit_public_key: _builtins.str
+    """The audit checkpoint key, raw Ed25519 in base64: pin it with
+    `keyd audit verify --key`.
+    """
     @_builtins.property
     def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___BackendStatus]: ...
     def __init__(
@@ -699,11 +797,69 @@ class GetStatusResponse(_message.Message):
         keys: _builtins.int = ...,
         backends: _abc.Iterable[Global___BackendStatus] | None = ...,
         socket: _builtins.str = ...,
+        access_mode: _builtins.str = ...,
+        audit_public_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "keys", b"keys", "socket", b"socket", "started_unix_ms", b"started_unix_ms", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_mode", b"access_mode", "audit_public_key", b"audit_public_key", "backends", b"backends", "keys", b"keys", "socket", b"socket", "started_unix_ms", b"started_unix_ms", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class WhoAmIRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WhoAmIRequest: _TypeAlias = WhoAmIRequest  # noqa: Y015
+
+@_typing.final
+class WhoAmIResponse(_message.Message):
+    """The caller as keyd sees it: from the kernel (SO_PEERCRED) at connect time."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UID_FIELD_NUMBER: _builtins.int
+    GID_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    GROUPS_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    EXECUTABLE_FIELD_NUMBER: _builtins.int
+    SOCKET_FIELD_NUMBER: _builtins.int
+    uid: _builtins.int
+    gid: _builtins.int
+    pid: _builtins.int
+    user: _builtins.str
+    executable: _builtins.str
+    socket: _builtins.str
+    """which of keyd's sockets: main or notary"""
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        uid: _builtins.int = ...,
+        gid: _builtins.int = ...,
+        pid: _builtins.int = ...,
+        groups: _abc.Iterable[_builtins.int] | None = ...,
+        user: _builtins.str = ...,
+        executable: _builtins.str = ...,
+        socket: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["executable", b"executable", "gid", b"gid", "groups", b"groups", "pid", b"pid", "socket", b"socket", "uid", b"uid", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WhoAmIResponse: _TypeAlias = WhoAmIResponse  # noqa: Y015

@@ -59,6 +59,16 @@ class KeyServiceStub:
                 request_serializer=keyd_dot_v1_dot_keyd__pb2.DeleteKeyRequest.SerializeToString,
                 response_deserializer=keyd_dot_v1_dot_keyd__pb2.DeleteKeyResponse.FromString,
                 _registered_method=True)
+        self.RestoreKey = channel.unary_unary(
+                '/keyd.v1.KeyService/RestoreKey',
+                request_serializer=keyd_dot_v1_dot_keyd__pb2.RestoreKeyRequest.SerializeToString,
+                response_deserializer=keyd_dot_v1_dot_keyd__pb2.Key.FromString,
+                _registered_method=True)
+        self.PurgeKey = channel.unary_unary(
+                '/keyd.v1.KeyService/PurgeKey',
+                request_serializer=keyd_dot_v1_dot_keyd__pb2.PurgeKeyRequest.SerializeToString,
+                response_deserializer=keyd_dot_v1_dot_keyd__pb2.PurgeKeyResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -94,6 +104,18 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RestoreKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PurgeKey(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +143,16 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.DeleteKey,
                     request_deserializer=keyd_dot_v1_dot_keyd__pb2.DeleteKeyRequest.FromString,
                     response_serializer=keyd_dot_v1_dot_keyd__pb2.DeleteKeyResponse.SerializeToString,
+            ),
+            'RestoreKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreKey,
+                    request_deserializer=keyd_dot_v1_dot_keyd__pb2.RestoreKeyRequest.FromString,
+                    response_serializer=keyd_dot_v1_dot_keyd__pb2.Key.SerializeToString,
+            ),
+            'PurgeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeKey,
+                    request_deserializer=keyd_dot_v1_dot_keyd__pb2.PurgeKeyRequest.FromString,
+                    response_serializer=keyd_dot_v1_dot_keyd__pb2.PurgeKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +300,60 @@ class KeyService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def RestoreKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyd.v1.KeyService/RestoreKey',
+            keyd_dot_v1_dot_keyd__pb2.RestoreKeyRequest.SerializeToString,
+            keyd_dot_v1_dot_keyd__pb2.Key.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyd.v1.KeyService/PurgeKey',
+            keyd_dot_v1_dot_keyd__pb2.PurgeKeyRequest.SerializeToString,
+            keyd_dot_v1_dot_keyd__pb2.PurgeKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class SignServiceStub:
     """Missing associated documentation comment in .proto file."""
@@ -401,12 +487,23 @@ class StatusServiceStub:
                 request_serializer=keyd_dot_v1_dot_keyd__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=keyd_dot_v1_dot_keyd__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/keyd.v1.StatusService/WhoAmI',
+                request_serializer=keyd_dot_v1_dot_keyd__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=keyd_dot_v1_dot_keyd__pb2.WhoAmIResponse.FromString,
+                _registered_method=True)
 
 
 class StatusServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WhoAmI(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -419,6 +516,11 @@ def add_StatusServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=keyd_dot_v1_dot_keyd__pb2.GetStatusRequest.FromString,
                     response_serializer=keyd_dot_v1_dot_keyd__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=keyd_dot_v1_dot_keyd__pb2.WhoAmIRequest.FromString,
+                    response_serializer=keyd_dot_v1_dot_keyd__pb2.WhoAmIResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -448,6 +550,33 @@ class StatusService:
             '/keyd.v1.StatusService/GetStatus',
             keyd_dot_v1_dot_keyd__pb2.GetStatusRequest.SerializeToString,
             keyd_dot_v1_dot_keyd__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keyd.v1.StatusService/WhoAmI',
+            keyd_dot_v1_dot_keyd__pb2.WhoAmIRequest.SerializeToString,
+            keyd_dot_v1_dot_keyd__pb2.WhoAmIResponse.FromString,
             options,
             channel_credentials,
             insecure,

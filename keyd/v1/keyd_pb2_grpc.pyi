@@ -40,6 +40,8 @@ class KeyServiceStub:
     GetKey: _grpc.UnaryUnaryMultiCallable[_keyd_pb2.GetKeyRequest, _keyd_pb2.Key]
     ListKeys: _grpc.UnaryUnaryMultiCallable[_keyd_pb2.ListKeysRequest, _keyd_pb2.ListKeysResponse]
     DeleteKey: _grpc.UnaryUnaryMultiCallable[_keyd_pb2.DeleteKeyRequest, _keyd_pb2.DeleteKeyResponse]
+    RestoreKey: _grpc.UnaryUnaryMultiCallable[_keyd_pb2.RestoreKeyRequest, _keyd_pb2.Key]
+    PurgeKey: _grpc.UnaryUnaryMultiCallable[_keyd_pb2.PurgeKeyRequest, _keyd_pb2.PurgeKeyResponse]
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -49,6 +51,8 @@ class KeyServiceAsyncStub(KeyServiceStub):
     GetKey: _aio.UnaryUnaryMultiCallable[_keyd_pb2.GetKeyRequest, _keyd_pb2.Key]  # type: ignore[assignment]
     ListKeys: _aio.UnaryUnaryMultiCallable[_keyd_pb2.ListKeysRequest, _keyd_pb2.ListKeysResponse]  # type: ignore[assignment]
     DeleteKey: _aio.UnaryUnaryMultiCallable[_keyd_pb2.DeleteKeyRequest, _keyd_pb2.DeleteKeyResponse]  # type: ignore[assignment]
+    RestoreKey: _aio.UnaryUnaryMultiCallable[_keyd_pb2.RestoreKeyRequest, _keyd_pb2.Key]  # type: ignore[assignment]
+    PurgeKey: _aio.UnaryUnaryMultiCallable[_keyd_pb2.PurgeKeyRequest, _keyd_pb2.PurgeKeyResponse]  # type: ignore[assignment]
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -85,6 +89,20 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _keyd_pb2.DeleteKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keyd_pb2.DeleteKeyResponse, _abc.Awaitable[_keyd_pb2.DeleteKeyResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RestoreKey(
+        self,
+        request: _keyd_pb2.RestoreKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyd_pb2.Key, _abc.Awaitable[_keyd_pb2.Key]]: ...
+
+    @_abc_1.abstractmethod
+    def PurgeKey(
+        self,
+        request: _keyd_pb2.PurgeKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyd_pb2.PurgeKeyResponse, _abc.Awaitable[_keyd_pb2.PurgeKeyResponse]]: ...
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
@@ -137,11 +155,13 @@ class StatusServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> StatusServiceAsyncStub: ...
     GetStatus: _grpc.UnaryUnaryMultiCallable[_keyd_pb2.GetStatusRequest, _keyd_pb2.GetStatusResponse]
+    WhoAmI: _grpc.UnaryUnaryMultiCallable[_keyd_pb2.WhoAmIRequest, _keyd_pb2.WhoAmIResponse]
 
 @_typing.type_check_only
 class StatusServiceAsyncStub(StatusServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetStatus: _aio.UnaryUnaryMultiCallable[_keyd_pb2.GetStatusRequest, _keyd_pb2.GetStatusResponse]  # type: ignore[assignment]
+    WhoAmI: _aio.UnaryUnaryMultiCallable[_keyd_pb2.WhoAmIRequest, _keyd_pb2.WhoAmIResponse]  # type: ignore[assignment]
 
 class StatusServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -150,5 +170,12 @@ class StatusServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _keyd_pb2.GetStatusRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_keyd_pb2.GetStatusResponse, _abc.Awaitable[_keyd_pb2.GetStatusResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def WhoAmI(
+        self,
+        request: _keyd_pb2.WhoAmIRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keyd_pb2.WhoAmIResponse, _abc.Awaitable[_keyd_pb2.WhoAmIResponse]]: ...
 
 def add_StatusServiceServicer_to_server(servicer: StatusServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -20,7 +20,7 @@ from securesystemslib.signer import SSlibKey
 from keyd.client import Client, SignItem
 from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.core.model import KeyRecord
-from keyd.errors import InvalidArgument, KeydError, NotFound, PayloadTooLarge
+from keyd.errors import FailedPrecondition, InvalidArgument, KeydError, NotFound, PayloadTooLarge
 from keyd.v1 import keyd_pb2 as pb
 from keyd.v1 import keyd_pb2_grpc as pb_grpc
 from tests.harness import Daemon, run_callers
@@ -125,9 +125,12 @@ def test_list_filters(client: Client) -> None:
     assert client.list_keys(backend="pkcs11") == []
 
 
-def test_delete_then_key_is_gone(client: Client) -> None:
+def test_delete_then_purge_and_the_key_is_gone(client: Client) -> None:
     record = client.create_key(KeyType.ECDSA_P256)
     client.delete_key(record.key_id)
+    with pytest.raises(FailedPrecondition, match="pending deletion"):
+        client.sign(record.key_id, MESSAGE)
+    client.purge_key(record.key_id)
     with pytest.raises(NotFound, match="no key with ID"):
         client.sign(record.key_id, MESSAGE)
     with pytest.raises(NotFound):

@@ -107,6 +107,12 @@ def test_create_sign_and_verify_with_openssl_style_flow(daemon: Daemon, short_tm
 
     deleted = _keyd(daemon, "keys", "delete", key["key_id"], "--yes")
     assert deleted.returncode == 0
+    assert "pending deletion" in deleted.stdout
+    pending = _keyd(daemon, "sign", key["key_id"], "--input", str(payload))
+    _one_line_error(pending, 1, "pending deletion")
+    assert _keyd(daemon, "keys", "purge", key["key_id"]).returncode == 2  # needs --confirm
+    purged = _keyd(daemon, "keys", "purge", key["key_id"], "--confirm", key["key_id"])
+    assert purged.returncode == 0
     gone = _keyd(daemon, "sign", key["key_id"], "--input", str(payload))
     _one_line_error(gone, 3, "no key with ID")
 
@@ -129,7 +135,7 @@ def test_status_json(daemon: Daemon) -> None:
         (("keys", "show", "b" * 64), 3, "no key with ID"),
         (("keys", "create", "--type", "ed25519", "--label", "novalue"), 2, "must be NAME=VALUE"),
         (("keys", "create", "--type", "ed25519", "--role", "bad role"), 2, "invalid role"),
-        (("keys", "delete", "c" * 64), 2, "confirm with --yes"),
+        (("keys", "delete", "c" * 64), 2, "confirm the deletion with --yes"),
     ],
 )
 def test_cli_errors_are_one_line(

@@ -19,11 +19,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from keyd.backends.base import Backend, BackendHealth, GeneratedKey
 from keyd.client import Client
-from keyd.config import Config, ServerConfig, StoreConfig
+from keyd.config import AccessConfig, AccessMode, Config, ServerConfig, StoreConfig
 from keyd.core.keys import PublicKey
 from keyd.core.keytypes import KeyType
 from keyd.core.model import KeyRecord
-from keyd.daemon.server import open_manager, start_server
+from keyd.daemon.server import open_manager, start_service
 from keyd.errors import InvalidArgument, ResourceExhausted
 from keyd.store.database import Database
 from keyd.store.secret import StoreSecret, create_secret_file
@@ -71,10 +71,12 @@ def server(short_tmp: Path) -> Iterator[tuple[Client, SlowBackend]]:
     config = Config(
         server=ServerConfig(socket=short_tmp / "run" / "keyd.sock", workers=2),
         store=StoreConfig(path=state / "keyd.db", secret_file=short_tmp / "store.key"),
+        # Backend isolation, not access control, is tested here.
+        access=AccessConfig(mode=AccessMode.OPEN),
     )
     slow = SlowBackend()
     db, manager = open_manager(config, {"slow": slow})
-    (running,) = start_server(manager, config)
+    running = start_service(manager, config)
     try:
         with Client(config.server.socket, timeout=30) as client:
             yield client, slow

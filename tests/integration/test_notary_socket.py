@@ -61,8 +61,15 @@ def test_notary_socket_reaches_only_online_keys_of_collections(daemon: Daemon) -
         with pytest.raises(PermissionDenied, match="may only create"):
             shim.create_key(KeyType.ECDSA_P256, role="timestamp", collection=gun, backend="nope")
 
+        # Deleted keys are gone for the shim (its DeleteKey is idempotent) and pending
+        # deletion on the main socket, where an operator can restore them.
         shim.delete_key(snapshot.key_id)
         with pytest.raises(NotFound):
-            admin.get_key(snapshot.key_id)
+            shim.get_key(snapshot.key_id)
+        with pytest.raises(NotFound):
+            shim.delete_key(snapshot.key_id)
+        assert admin.get_key(snapshot.key_id).state.value == "pending_deletion"
+        admin.restore_key(snapshot.key_id)
+        shim.sign(snapshot.key_id, MESSAGE)
         # The main socket is unrestricted.
-        assert len(admin.list_keys()) == 4
+        assert len(admin.list_keys()) == 5

@@ -361,11 +361,28 @@ def test_cli_adopt_and_list(shared_rig: Rig) -> None:
 def test_delete_forgets_but_keeps_the_key_on_the_token(shared_rig: Rig, client: Client) -> None:
     record = client.create_key(KeyType.ECDSA_P256, backend="pkcs11")
     client.delete_key(record.key_id)
+    client.purge_key(record.key_id)
     with pytest.raises(Exception, match="no key with ID"):
         client.get_key(record.key_id)
     again = client.adopt_key(backend="pkcs11", device_key_id=record.location["cka_id"])
     assert again.key_id == record.key_id
     client.sign(again.key_id, MESSAGE)
+
+
+def test_destroy_on_device_removes_the_key_from_the_token_at_purge(
+    shared_rig: Rig, client: Client
+) -> None:
+    record = client.create_key(KeyType.ECDSA_P256, backend="pkcs11")
+    cka_id = bytes.fromhex(record.location["cka_id"])
+    with pytest.raises(InvalidArgument, match="confirm_key_id"):
+        client.delete_key(record.key_id, destroy_on_device_confirmed="0" * 64)
+    pending = client.delete_key(record.key_id, destroy_on_device_confirmed=record.key_id)
+    assert pending.destroy_on_purge
+    with open_token(shared_rig, "keyd-test") as session:
+        assert list(session.get_objects({Attribute.ID: cka_id}))  # still there while pending
+    client.purge_key(record.key_id)
+    with open_token(shared_rig, "keyd-test") as session:
+        assert list(session.get_objects({Attribute.ID: cka_id})) == []
 
 
 def test_key_deleted_outside_keyd_is_a_clear_error_without_relogging(

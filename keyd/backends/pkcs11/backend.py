@@ -276,8 +276,8 @@ class Pkcs11Backend(Backend):
             extra={"key_id": record.key_id, "cka_id": record.location.get("cka_id", "")},
         )
 
-    def discard_new(self, record: KeyRecord) -> None:
-        """A key generated moments ago that the catalog never recorded: destroy it."""
+    def destroy(self, record: KeyRecord) -> None:
+        """Destroy the key's objects on the token (never for a plain delete)."""
         cka_id = self._cka_id(record)
 
         def destroy(ws: WorkerSession) -> None:
@@ -287,7 +287,7 @@ class Pkcs11Backend(Backend):
         try:
             self._token.run(destroy, rw=True)
         except p11_errors.PKCS11Error as exc:
-            raise _device_error(self._token, "destroy an unrecorded key", exc) from None
+            raise _device_error(self._token, "destroy a key", exc) from None
 
     # -- state ---------------------------------------------------------------------------
 
