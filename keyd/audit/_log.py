@@ -455,7 +455,8 @@ class AuditLog:
 
 def _check_signer(signer: Signer, public_key: bytes) -> None:
     """A signer that does not match the key would make every checkpoint fail later."""
-    message = checkpoint_message(0, ZERO_HASH)
+    # Not a checkpoint message: this signature must never pass for one.
+    message = b"keyd-audit-signer-check\n" + public_key
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signer(message), message)
     except InvalidSignature:
