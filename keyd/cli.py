@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import dataclasses
 import datetime
 import getpass
 import json
@@ -383,14 +382,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
             raise InvalidArgument("--key must be the base64 audit public key") from None
     report = verify_log(args.paths if len(args.paths) > 1 else args.paths[0], public_key)
     if args.json:
-        data = dataclasses.asdict(report)
-        data["ok"] = report.ok
-        if report.problem is not None:
-            data["problem"].update(
-                kind=report.problem.kind.name,
-                file=str(report.problem.file) if report.problem.file else None,
-            )
-        _print_json(data)
+        _print_json(report.to_dict())
     else:
         print(format_report(report))
     return 0 if report.ok else EXIT_ERROR

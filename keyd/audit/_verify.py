@@ -95,6 +95,7 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         """The report as JSON values (`keyd audit verify --json`); kinds by name."""
         data = dataclasses.asdict(self)
+        data["ok"] = self.ok
         data["notes"] = list(self.notes)
         if self.problem is not None:
             data["problem"] = {
