@@ -6,7 +6,7 @@ import argparse
 
 from benchmarks import core
 
-PARTS = ("rpc", "store", "verify", "pkcs11", "notary")
+PARTS = ("rpc", "store", "verify", "pkcs11", "notary", "access")
 
 
 def main() -> None:

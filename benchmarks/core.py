@@ -407,6 +407,10 @@ def run(runs: int, seconds: float, parts: list[str]) -> Report:
             from benchmarks.notary import notary_vs_shim  # noqa: PLC0415 - imports core
 
             notary_vs_shim(report, work, runs, seconds)
+        if "access" in parts:
+            from benchmarks.access import access_on_off  # noqa: PLC0415 - imports core
+
+            access_on_off(report, work, runs, seconds)
         if "pkcs11" in parts:
             from benchmarks.pkcs11 import token_signing  # noqa: PLC0415 - imports core
 

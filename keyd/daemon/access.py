@@ -14,13 +14,12 @@ gate only picks the manager for the socket.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from types import TracebackType
 
 import grpc
 
-from keyd.audit import RESULT_DENIED, RESULT_OK, AuditEvent, AuditLog
+from keyd.audit import RESULT_DENIED, RESULT_OK, AuditLog
 from keyd.core.identity import Caller, Operation
 from keyd.core.model import KeyRecord
 from keyd.daemon.manager import KeyManager
@@ -162,37 +161,13 @@ class Request:
         audit = self._gate.audit
         if audit is None:
             return
-        caller = self.caller or _UNKNOWN
-        result = _result(exc)
-        now = int(time.time() * 1000)
         operation = self.operation.value if self.operation is not None else ""
         if self.items is not None and exc is None:
-            events = [
-                AuditEvent(
-                    caller=caller,
-                    method=self.method,
-                    operation=operation,
-                    key_id=key_id,
-                    payload_sha256=digest,
-                    result=outcome,
-                    time_ms=now,
-                )
-                for key_id, digest, outcome in self.items
-            ]
+            items = self.items
         else:
-            events = [
-                AuditEvent(
-                    caller=caller,
-                    method=self.method,
-                    operation=operation,
-                    key_id=self.key_id,
-                    payload_sha256=self.payload_sha256,
-                    result=result,
-                    time_ms=now,
-                )
-            ]
+            items = [(self.key_id, self.payload_sha256, _result(exc))]
         try:
-            audit.append_many(events)
+            audit.append_items(self.caller or _UNKNOWN, self.method, operation, items)
         except AuditUnavailable:
             # No record, no result: whatever the request produced is dropped.
             log.error("request refused: the audit log cannot be written", exc_info=False)

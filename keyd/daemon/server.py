@@ -42,7 +42,7 @@ from keyd.daemon import api, logs
 from keyd.daemon.access import Gate
 from keyd.daemon.manager import NOTARY_SCOPE, KeyManager
 from keyd.daemon.notify import notify, watchdog_interval
-from keyd.daemon.peers import Relay, bind_public_socket
+from keyd.daemon.peers import RelayProcess, bind_public_socket
 from keyd.errors import KeydError, StartupError
 from keyd.policy import Policy
 from keyd.store.audit_state import AuditState
@@ -121,8 +121,14 @@ class Service:
     servers: list[tuple[grpc.Server, health.HealthServicer]]
     sockets: list[tuple[Path, int]]  # path and inode, to remove only our own socket
     gate: Gate | None = None
-    relay: Relay | None = None
+    relay: RelayProcess | None = None
     audit: AuditLog | None = None
+    # Set when a part keyd cannot serve without has died; keyd then stops, exit code 1.
+    failed: bool = False
+
+    def fail(self) -> None:
+        self.failed = True
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def describe_sockets(self) -> str:
         return " and ".join(str(path) for path, _ in self.sockets)
@@ -260,7 +266,7 @@ def _start_policy(
             prepare_socket_path(path)
             listeners.append(bind_public_socket(path, name))
             service.sockets.append((path, _share_socket(path, gid, group, None)))
-        relay = Relay(listeners)
+        relay = RelayProcess(listeners, on_exit=service.fail)
         service.relay = relay
         gate = Gate(views, peers=relay.peers, policy=policy, audit=audit)
         service.gate = gate
@@ -449,6 +455,9 @@ def serve(config: Config) -> int:
     service.stop(grace)
     manager.close()
     db.close()
+    if service.failed:
+        log.error("keyd stopped after a failure")
+        return 1
     log.info("keyd stopped")
     return 0
 

@@ -40,7 +40,7 @@ from keyd.audit import (
     key_fingerprint,
     verify_log,
 )
-from keyd.audit._format import encode_event, encode_record, file_name, record_hash
+from keyd.audit._format import encode_event, encode_events, encode_record, file_name, record_hash
 from keyd.core.identity import Caller
 
 REPO = Path(__file__).resolve().parents[2]
@@ -790,3 +790,26 @@ def test_events_are_written_in_canonical_form() -> None:
     assert encode_record(json.loads(line)) == line
     assert b"\n" not in line
     assert json.loads(line)["exe"] == odd.exe
+
+
+def test_a_request_s_items_are_written_as_its_events_would_be(tmp_path: Path) -> None:
+    caller = Caller(uid=7, gid=8, pid=9, groups=frozenset(), user="ci", exe="/bin/x")
+    items = [("k" * 64, "ab" * 32, "ok"), ('odd"id', "", "NotFound"), ("k" * 64, "cd" * 32, "ok")]
+    lines, last = encode_events(caller, "SignBatch", "sign", 5, items, seq=10, prev="0" * 64)
+    prev = "0" * 64
+    for n, ((key_id, digest, result), line) in enumerate(zip(items, lines, strict=True)):
+        event = AuditEvent(
+            caller=caller,
+            method="SignBatch",
+            operation="sign",
+            key_id=key_id,
+            payload_sha256=digest,
+            result=result,
+            time_ms=5,
+        )
+        assert line == encode_event(event, 11 + n, prev)
+        assert encode_record(json.loads(line)) == line
+        prev = record_hash(line)
+    assert last == prev
+    with pytest.raises(ValueError, match="payload_sha256"):
+        encode_events(caller, "Sign", "sign", 5, [("k", "the payload", "ok")], seq=0, prev=prev)
