@@ -217,13 +217,20 @@ class SignServicer(pb_grpc.SignServiceServicer):
         digests = [""] * len(requests)
         items: list[SignItem] = []
         positions: list[int] = []
+        # Each key is authorised once per batch: batches usually repeat a few keys.
+        refusals: dict[str, KeydError | None] = {}
         for i, request in enumerate(requests):
             try:
                 data = wire.sign_input_from_pb(request)
                 encoding = wire.encoding_from_pb(request.encoding)
                 if enforcing:
                     digests[i] = digest_payload(data.payload)
-                    call.authorize(call.manager.get(request.key_id))
+                    key_id = request.key_id
+                    if key_id not in refusals:
+                        refusals[key_id] = _refusal(call, key_id)
+                    refusal = refusals[key_id]
+                    if refusal is not None:
+                        raise refusal
             except KeydError as exc:
                 outcomes[i] = exc
                 continue
@@ -248,6 +255,15 @@ class SignServicer(pb_grpc.SignServiceServicer):
                 error.message = outcome.message
                 error.kind = type(outcome).__name__
         return response
+
+
+def _refusal(call: Request, key_id: str) -> KeydError | None:
+    """Why the caller may not sign with this key (unknown, not permitted), or None."""
+    try:
+        call.authorize(call.manager.get(key_id))
+    except KeydError as exc:
+        return exc
+    return None
 
 
 class StatusServicer(pb_grpc.StatusServiceServicer):
