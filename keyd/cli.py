@@ -197,7 +197,7 @@ def _starter_policy(config: Config, admin: str | None) -> tuple[Path, str] | Non
 
     user = admin or os.environ.get("SUDO_USER") or pwd.getpwuid(os.getuid()).pw_name
     text = (
-        "# keyd's policy: who may do what with which keys (docs/policy.md).\n"
+        "# keyd's policy: who may do what with which keys (docs/access.md).\n"
         "# Nothing is allowed unless a rule allows it; root is not special.\n"
         "# Apply changes with `systemctl reload keyd` (SIGHUP).\n\n"
         "[[allow]]\n"

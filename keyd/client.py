@@ -24,13 +24,14 @@ from types import TracebackType
 from typing import TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keyd import wire
 from keyd.config import DEFAULT_SOCKET
 from keyd.core.identity import Caller
 from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.core.model import KeyRecord
-from keyd.errors import InvalidArgument, KeydError, PermissionDenied, Unreachable
+from keyd.errors import InvalidArgument, KeydError, PermissionDenied, Unavailable, Unreachable
 from keyd.v1 import keyd_pb2 as pb
 from keyd.v1 import keyd_pb2_grpc as pb_grpc
 
@@ -157,6 +158,7 @@ class Client:
         self._keys = pb_grpc.KeyServiceStub(self._channel)
         self._signer = pb_grpc.SignServiceStub(self._channel)
         self._status = pb_grpc.StatusServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def __enter__(self) -> Client:
         return self
@@ -334,6 +336,15 @@ class Client:
             access_mode=response.access_mode,
             audit_public_key=response.audit_public_key,
         )
+
+    def check_serving(self) -> None:
+        """Raise unless keyd answers the standard gRPC health check with SERVING. Needs
+        no permission and leaves no audit record: for watchdogs that poll."""
+        response: health_pb2.HealthCheckResponse = self._call(
+            self._health.Check, health_pb2.HealthCheckRequest()
+        )
+        if response.status != health_pb2.HealthCheckResponse.SERVING:
+            raise Unavailable(f"keyd at {self.socket} is not serving (shutting down?)")
 
     def whoami(self) -> Caller:
         """The caller as the daemon identified it (kernel credentials at connect time)."""

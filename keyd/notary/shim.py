@@ -254,7 +254,7 @@ def _watch_keyd(
     serving: bool | None = None
     while True:
         try:
-            client.status()
+            client.check_serving()  # not GetStatus: no permission needed, no audit record
             now = True
         except KeydError:
             now = False

@@ -33,7 +33,8 @@ from tests.harness import Daemon, allow_everything, run_keyd
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs clients as other uids: needs root")
 
 NOGROUP = 65534
-SIGNER, CREATOR, STRANGER = 4001, 4002, 4003
+SIGNER, CREATOR, STRANGER, AUDITOR = 4001, 4002, 4003, 4004
+AUDITORS = 4100  # a group
 POLICY = f"""
 [[allow]]
 name = "the test itself"
@@ -50,10 +51,16 @@ collections = ["example.com/*"]
 users = [{CREATOR}]
 operations = ["create", "list", "delete"]
 roles = ["timestamp"]
+
+[[allow]]
+groups = [{AUDITORS}]
+operations = ["list"]
 """
 
 
-def as_user(daemon: Daemon, uid: int, action: str, *args: str) -> dict[str, Any]:
+def as_user(
+    daemon: Daemon, uid: int, action: str, *args: str, gid: int = NOGROUP
+) -> dict[str, Any]:
     result = subprocess.run(
         [
             sys.executable,
@@ -62,7 +69,9 @@ def as_user(daemon: Daemon, uid: int, action: str, *args: str) -> dict[str, Any]
             "--uid",
             str(uid),
             "--gid",
-            str(NOGROUP),
+            str(gid),
+            "--groups",
+            str(NOGROUP),  # the socket's group: every caller here may open it
             "--socket",
             str(daemon.socket),
             action,
@@ -151,6 +160,17 @@ def test_sign_is_allowed_only_where_the_policy_says(daemon: Daemon) -> None:
     assert records[0]["payload_sha256"] == hashlib.sha256(b"release 1.0").hexdigest()
     assert records[0]["key_id"] == mine.key_id
     assert "release 1.0" not in "".join(p.read_text() for p in daemon.audit.glob("*.jsonl"))
+
+
+def test_a_group_rule_applies_to_the_group_s_members(daemon: Daemon) -> None:
+    with daemon.client() as client:
+        key = client.create_key(KeyType.ED25519, role="root")
+    # Same uid: as a member of the auditors group it may list, otherwise not.
+    assert as_user(daemon, AUDITOR, "list", gid=AUDITORS)["value"] == [key.key_id]
+    assert as_user(daemon, AUDITOR, "list")["kind"] == "PermissionDenied"
+    assert as_user(daemon, AUDITOR, "sign", key.key_id, "x", gid=AUDITORS)["kind"] == (
+        "PermissionDenied"
+    )
 
 
 def test_create_and_delete_follow_the_policy(daemon: Daemon) -> None:
