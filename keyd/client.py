@@ -349,12 +349,4 @@ class Client:
     def whoami(self) -> Caller:
         """The caller as the daemon identified it (kernel credentials at connect time)."""
         response: pb.WhoAmIResponse = self._call(self._status.WhoAmI, pb.WhoAmIRequest())
-        return Caller(
-            uid=response.uid,
-            gid=response.gid,
-            pid=response.pid,
-            groups=frozenset(response.groups),
-            user=response.user,
-            exe=response.executable,
-            socket=response.socket,
-        )
+        return wire.caller_from_pb(response)

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import grpc
 
 from keyd import errors
+from keyd.core.identity import Caller
 from keyd.core.keys import PublicKey
 from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.core.model import KeyRecord, KeyState
@@ -170,3 +171,27 @@ def sign_input_from_pb(request: pb.SignRequest) -> SignInput:
     if which == "digest":
         return SignInput(request.digest, True)
     raise InvalidArgument("nothing to sign: set message or digest")
+
+
+def caller_to_pb(caller: Caller) -> pb.WhoAmIResponse:
+    return pb.WhoAmIResponse(
+        uid=caller.uid,
+        gid=caller.gid,
+        pid=caller.pid,
+        groups=sorted(caller.groups),
+        user=caller.user,
+        executable=caller.exe,
+        socket=caller.socket,
+    )
+
+
+def caller_from_pb(message: pb.WhoAmIResponse) -> Caller:
+    return Caller(
+        uid=message.uid,
+        gid=message.gid,
+        pid=message.pid,
+        groups=frozenset(message.groups),
+        user=message.user,
+        exe=message.executable,
+        socket=message.socket,
+    )

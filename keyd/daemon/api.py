@@ -302,15 +302,7 @@ class StatusServicer(pb_grpc.StatusServiceServicer):
             caller = call.caller
             if caller is None:
                 raise FailedPrecondition('keyd does not identify callers ([access] mode = "open")')
-            return pb.WhoAmIResponse(
-                uid=caller.uid,
-                gid=caller.gid,
-                pid=caller.pid,
-                groups=sorted(caller.groups),
-                user=caller.user,
-                executable=caller.exe,
-                socket=caller.socket,
-            )
+            return wire.caller_to_pb(caller)
 
 
 SERVICE_NAMES = tuple(

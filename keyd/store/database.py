@@ -25,7 +25,19 @@ from keyd.store.secret import StoreSecret
 
 SCHEMA_VERSION = 2
 
-_SCHEMA = """
+_AUDIT_STATE = """
+-- The audit log's checkpoint key (PKCS#8 DER) and the last checkpoint written, so a
+-- truncated or replaced log is noticed at start.
+CREATE TABLE audit_state (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    pkcs8       BLOB NOT NULL,
+    head_seq    INTEGER NOT NULL DEFAULT 0,
+    head_hash   TEXT NOT NULL DEFAULT ''
+);
+"""
+
+_SCHEMA = (
+    """
 CREATE TABLE keys (
     key_id      TEXT PRIMARY KEY,
     key_type    TEXT NOT NULL,
@@ -45,29 +57,18 @@ CREATE TABLE store_private_keys (
     key_id      TEXT PRIMARY KEY REFERENCES keys(key_id) ON DELETE CASCADE,
     pkcs8       BLOB NOT NULL
 ) WITHOUT ROWID;
--- The audit log's checkpoint key (PKCS#8 DER) and the last checkpoint written, so a
--- truncated or replaced log is noticed at start.
-CREATE TABLE audit_state (
-    id          INTEGER PRIMARY KEY CHECK (id = 1),
-    pkcs8       BLOB NOT NULL,
-    head_seq    INTEGER NOT NULL DEFAULT 0,
-    head_hash   TEXT NOT NULL DEFAULT ''
-);
 """
+    + _AUDIT_STATE
+)
 
 # Version 1 -> 2: pending deletion, and the audit log's key and last checkpoint.
-_MIGRATE_1_TO_2 = """
+_MIGRATE_1_TO_2 = (
+    """
 ALTER TABLE keys ADD COLUMN purge_after_ms INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE keys ADD COLUMN destroy_on_purge INTEGER NOT NULL DEFAULT 0;
--- The audit log's checkpoint key (PKCS#8 DER) and the last checkpoint written, so a
--- truncated or replaced log is noticed at start.
-CREATE TABLE audit_state (
-    id          INTEGER PRIMARY KEY CHECK (id = 1),
-    pkcs8       BLOB NOT NULL,
-    head_seq    INTEGER NOT NULL DEFAULT 0,
-    head_hash   TEXT NOT NULL DEFAULT ''
-);
 """
+    + _AUDIT_STATE
+)
 
 Row = tuple[Any, ...]
 

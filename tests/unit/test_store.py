@@ -11,13 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import sqlcipher3
 
 from keyd.backends.store import StoreBackend
 from keyd.config import SecretKind
 from keyd.core.keytypes import KeyType, SignatureEncoding
-from keyd.core.model import KeyRecord, KeySelector
+from keyd.core.model import KeyRecord, KeySelector, KeyState
 from keyd.core.signing import SignInput
 from keyd.errors import AlreadyExists, Internal, NotFound, SecretError, StoreError
+from keyd.store.audit_state import AuditState
 from keyd.store.catalog import Catalog
 from keyd.store.database import Database
 from keyd.store.secret import StoreSecret, create_secret_file, load_store_secret
@@ -84,6 +86,36 @@ def test_create_then_reopen_keeps_keys(store_dir: Path, secret: StoreSecret) -> 
     assert again.public_key.pem == record.public_key.pem
     (signature,) = StoreBackend(catalog).sign(again, [b"m"], prehashed=False)
     assert again.public_key.verify(signature, SignInput.of_message(b"m"), SignatureEncoding.DER)
+    db.close()
+
+
+def test_a_version_1_store_is_upgraded_in_place(store_dir: Path, secret: StoreSecret) -> None:
+    path = store_dir / "keyd.db"
+    db = Database.create(path, secret)
+    catalog = Catalog(db)
+    record = _add_key(catalog, StoreBackend(catalog), KeyType.ED25519, role="snapshot")
+    db.close()
+    # Turn it back into what keyd wrote before pending deletion and the audit log.
+    conn = sqlcipher3.connect(str(path), isolation_level=None)
+    conn.execute(secret.sqlcipher_key_pragma())
+    for statement in (
+        "ALTER TABLE keys DROP COLUMN purge_after_ms",
+        "ALTER TABLE keys DROP COLUMN destroy_on_purge",
+        "DROP TABLE audit_state",
+        "PRAGMA user_version = 1",
+    ):
+        conn.execute(statement)
+    conn.close()
+
+    db = Database.open(path, secret)
+    catalog = Catalog(db)
+    again = catalog.get(record.key_id)
+    assert (again.role, again.state, again.purge_after_unix_ms) == ("snapshot", KeyState.ACTIVE, 0)
+    assert AuditState(db).head() is None
+    AuditState(db).checkpoint_key()  # the new table works
+    db.close()
+    db = Database.open(path, secret)
+    assert db.query("PRAGMA user_version") == [(2,)]
     db.close()
 
 
