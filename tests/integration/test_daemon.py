@@ -393,3 +393,49 @@ def test_client_without_socket_permission_is_told_so(daemon: Daemon) -> None:
     assert result.returncode == 0, result.stderr
     assert "permission denied on" in result.stdout
     assert "must be in the socket's group" in result.stdout
+
+
+def _relay_pids(daemon_pid: int) -> list[int]:
+    """The relay processes keyd started (children running keyd.daemon.relay)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat_fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat_fields[1]) == daemon_pid and b"keyd.daemon.relay" in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has exited; init reaps it
+
+
+def test_the_relay_process_dies_with_the_daemon(daemon: Daemon) -> None:
+    assert daemon.proc is not None
+    (relay,) = _relay_pids(daemon.proc.pid)
+    daemon.kill()  # SIGKILL: no chance to stop the relay itself
+    deadline = time.monotonic() + 10
+    while _running(relay):
+        assert time.monotonic() < deadline, "the relay outlived its daemon"
+        time.sleep(0.05)
+    daemon.start()  # the socket is free again
+    with daemon.client() as client:
+        assert client.whoami().pid == os.getpid()
+
+
+def test_a_dead_relay_stops_the_daemon_with_an_error(daemon: Daemon) -> None:
+    assert daemon.proc is not None
+    (relay,) = _relay_pids(daemon.proc.pid)
+    os.kill(relay, signal.SIGKILL)
+    assert daemon.wait(30) == 1  # fails closed: no identities, no service
+    assert "relay process is gone" in daemon.logs()
+    daemon.stop()
