@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import secrets
-import select
 import socket
 import subprocess
 import sys
@@ -59,6 +58,9 @@ class PeerTable:
 
     def remove(self, name: str) -> None:
         self._by_peer.pop(f"unix-abstract:{name}", None)
+
+    def clear(self) -> None:
+        self._by_peer.clear()
 
     def lookup(self, peer: str) -> Caller | None:
         """The caller behind gRPC's peer string; None for a connection keyd did not relay."""
@@ -98,8 +100,10 @@ class RelayProcess:
         self._listeners = list(listeners)
         self._on_exit = on_exit  # called if the relay dies while keyd runs
         self._control, self._child_end = socket.socketpair(
-            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+            socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
         )
+        self._lines = self._control.makefile("rb")
+        self._send_lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._stopping = False
 
@@ -122,8 +126,13 @@ class RelayProcess:
         self._child_end.close()
         for listener in self._listeners:
             listener.sock.close()
-        ready, _, _ = select.select([self._control], [], [], _START_TIMEOUT)
-        if not ready or self._control.recv(relay.CONTROL_MAX) != relay.READY:
+        self._control.settimeout(_START_TIMEOUT)
+        try:
+            ready = self._lines.readline(relay.CONTROL_MAX)
+        except OSError:
+            ready = b""
+        self._control.settimeout(None)
+        if ready != relay.READY + b"\n":
             self.stop()
             raise StartupError("keyd's relay process did not start; see the log above")
         threading.Thread(target=self._serve, name="keyd-relay-control", daemon=True).start()
@@ -132,12 +141,12 @@ class RelayProcess:
         """Register and unregister names as the relay asks; acknowledge each in order."""
         while True:
             try:
-                message = self._control.recv(relay.CONTROL_MAX)
+                line = self._lines.readline(relay.CONTROL_MAX)
             except OSError:
-                message = b""
-            if not message:
+                line = b""
+            if not line.endswith(b"\n"):
                 break
-            kind, body = message[:1], message[1:]
+            kind, body = line[:1], line[1:-1]
             try:
                 if kind == relay.ADD:
                     name = self._add(body)
@@ -146,10 +155,12 @@ class RelayProcess:
                     self.peers.remove(name)
                 else:
                     raise ValueError(f"unknown message {kind!r}")
-                self._control.send(relay.ACK + kind + name.encode("ascii"))
-            except (ValueError, KeyError, OSError):
+                self._send(relay.ACK + kind + name.encode("ascii"))
+            except Exception:
                 log.exception("bad message from the relay process; stopping")
                 break
+        # No relay, no identities: forget every name before anything can reuse one.
+        self.peers.clear()
         if not self._stopping:
             log.error("keyd's relay process is gone: no caller can be identified; stopping")
             self._on_exit()
@@ -182,8 +193,9 @@ class RelayProcess:
         self._send(relay.STOP_ACCEPTING)
 
     def _send(self, message: bytes) -> None:
-        with contextlib.suppress(OSError):  # the relay is gone; _serve reports it
-            self._control.send(message)
+        # One line at a time: acknowledgements and commands come from two threads.
+        with self._send_lock, contextlib.suppress(OSError):  # if the relay is gone,
+            self._control.sendall(message + b"\n")  # _serve reports it
 
     def stop(self) -> None:
         self._stopping = True
@@ -191,6 +203,7 @@ class RelayProcess:
         # which it exits.
         with contextlib.suppress(OSError):
             self._control.shutdown(socket.SHUT_RDWR)
+        self._lines.close()
         self._control.close()
         if self._proc is not None:
             try:

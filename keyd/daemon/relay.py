@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import pwd
+import resource
 import secrets
 import signal
 import socket
@@ -36,10 +37,14 @@ _HIGH_WATER = 1024 * 1024
 # Group lists are looked up once per uid for this long (membership rarely changes;
 # a policy reload clears the cache).
 _GROUPS_TTL = 60.0
-# Control messages (SOCK_SEQPACKET keeps them whole). Relay -> daemon: ADD + JSON,
-# REMOVE + name, READY. Daemon -> relay: ACK + name, STOP_ACCEPTING, CLEAR_CACHES.
+# Connections relayed at once; more are closed at once. Each costs three descriptors
+# (two here, one in the daemon): see raise_fd_limit.
+MAX_CONNECTIONS = 8192
+# Control messages, one line each on a stream socket (whose flow control asyncio
+# handles well). Relay -> daemon: ADD + JSON, REMOVE + name, READY. Daemon -> relay:
+# ACK + the acknowledged kind + name, STOP_ACCEPTING, CLEAR_CACHES.
 ADD, REMOVE, READY, ACK, STOP_ACCEPTING, CLEAR_CACHES = b"A", b"R", b"Y", b"K", b"S", b"C"
-CONTROL_MAX = 64 * 1024
+CONTROL_MAX = 64 * 1024  # longest line
 
 
 def abstract(name: str) -> bytes:
@@ -83,7 +88,6 @@ class _Side(asyncio.Protocol):
         self.connection = connection
         self.transport: asyncio.Transport | None = None
         self.partner: _Side | None = None
-        self.pending: list[bytes] = []  # data that arrived before the partner existed
         self.on_connected: Callable[[], object] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -91,14 +95,16 @@ class _Side(asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(high=_HIGH_WATER)
         if self.on_connected is not None:
+            # The client's side: its bytes wait in the kernel until the upstream
+            # connection is registered and open (resumed in _open_upstream), so
+            # nothing is buffered here and nothing overtakes anything.
+            transport.pause_reading()
             self.on_connected()
 
     def data_received(self, data: bytes) -> None:
         partner = self.partner
-        if partner is None or partner.transport is None:
-            self.pending.append(data)
-            return
-        partner.transport.write(data)
+        if partner is not None and partner.transport is not None:
+            partner.transport.write(data)
 
     def eof_received(self) -> bool:
         self.connection.close()
@@ -138,7 +144,7 @@ class _Connection:
             return
         self.closed = True
         if self.client.transport is not None:
-            self.client.transport.abort()
+            self.client.transport.close()  # after what is buffered for the client
         self.relay.connections.discard(self)
         if self.name:
             # The upstream socket closes only once the daemon has forgotten its name.
@@ -165,33 +171,43 @@ class Relay:
         self._groups = _Groups()
         self._waiting: dict[str, asyncio.Future[None]] = {}
         self._servers: list[asyncio.AbstractServer] = []
+        self._writer: asyncio.StreamWriter | None = None
         self.done = asyncio.Event()
 
     async def run(self) -> None:
-        self._control.setblocking(False)
-        self.loop.add_reader(self._control.fileno(), self._on_control)
+        reader, self._writer = await asyncio.open_unix_connection(
+            sock=self._control, limit=CONTROL_MAX
+        )
+        reading = self.loop.create_task(self._read_control(reader))
         for sock, socket_name in self._listeners:
             server = await self.loop.create_unix_server(
                 lambda socket_name=socket_name: self._accepted(socket_name),  # type: ignore[misc]
                 sock=sock,
             )
             self._servers.append(server)
-        self._control.send(READY)
+        await self._send(READY)
         await self.done.wait()
+        reading.cancel()
 
-    def _on_control(self) -> None:
-        try:
-            message = self._control.recv(CONTROL_MAX)
-        except BlockingIOError:
-            return
-        except OSError:
-            message = b""
-        if not message:  # the daemon is gone: nothing may be relayed any more
-            self.done.set()
-            return
-        kind, body = message[:1], message[1:]
+    async def _read_control(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                line = await reader.readline()
+            except (OSError, ValueError):
+                line = b""
+            if not line.endswith(b"\n"):  # the daemon is gone: nothing may be relayed
+                self.done.set()
+                return
+            self._handle(line[:1], line[1:-1])
+
+    async def _send(self, message: bytes) -> None:
+        assert self._writer is not None  # noqa: S101 - set in run()
+        self._writer.write(message + b"\n")
+        await self._writer.drain()  # waits while the daemon is slow to read
+
+    def _handle(self, kind: bytes, body: bytes) -> None:
         if kind == ACK:  # ACK + the acknowledged kind (ADD or REMOVE) + name
-            future = self._waiting.pop(body.decode("ascii"), None)
+            future = self._waiting.get(body.decode("ascii"))
             if future is not None and not future.done():
                 future.set_result(None)
         elif kind == STOP_ACCEPTING:
@@ -202,17 +218,27 @@ class Relay:
 
     async def _ask(self, kind: bytes, name: str, body: bytes) -> None:
         """Send a request to the daemon and wait until it has acted on it."""
+        key = (kind + name.encode("ascii")).decode("ascii")
         future = self.loop.create_future()
-        self._waiting[(kind + name.encode("ascii")).decode("ascii")] = future
-        self._control.send(kind + body)
-        await future
+        self._waiting[key] = future
+        try:
+            await self._send(kind + body)
+            await future
+        finally:
+            self._waiting.pop(key, None)
 
     async def unregister(self, connection: _Connection) -> None:
+        name = connection.name
         try:
-            name = connection.name
             await self._ask(REMOVE, name, name.encode("ascii"))
-        finally:
-            connection.release_upstream()
+        except (OSError, asyncio.CancelledError) as exc:
+            # Without the daemon's acknowledgement the name must not be freed while
+            # the daemon may still know it: stop relaying altogether (the daemon
+            # forgets every name and stops when the control socket closes).
+            print(f"keyd relay: cannot unregister a connection ({exc}); exiting", file=sys.stderr)
+            self.done.set()
+            return
+        connection.release_upstream()
 
     def _accepted(self, socket_name: str) -> _Side:
         connection = _Connection(self)
@@ -229,9 +255,13 @@ class Relay:
         transport = connection.client.transport
         if transport is None or not connection.is_open():
             return
-        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        connection.upstream_sock = upstream
+        if len(self.connections) > MAX_CONNECTIONS:
+            print(f"keyd relay: over {MAX_CONNECTIONS} connections; refusing one", file=sys.stderr)
+            connection.close()
+            return
         try:
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            connection.upstream_sock = upstream
             pid, uid, gid = _PEERCRED.unpack(
                 transport.get_extra_info("socket").getsockopt(
                     socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size
@@ -264,10 +294,18 @@ class Relay:
             return
         if not connection.is_open():
             return  # the client left while we connected; close() cleans up
-        for data in connection.client.pending:
-            assert connection.upstream.transport is not None  # noqa: S101 - connected above
-            connection.upstream.transport.write(data)
-        connection.client.pending.clear()
+        transport.resume_reading()
+
+
+def raise_fd_limit() -> None:
+    """Use the hard limit on open files: the soft default (1024) would run out long
+    before MAX_CONNECTIONS."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 4 * MAX_CONNECTIONS
+    if hard != resource.RLIM_INFINITY:
+        target = min(target, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _bind_random(sock: socket.socket) -> str:
@@ -286,6 +324,7 @@ def _bind_random(sock: socket.socket) -> str:
 def main(argv: list[str]) -> int:
     """argv: CONTROL_FD PRIVATE_NAME FD:SOCKET_NAME..."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
+    raise_fd_limit()
     control = socket.socket(fileno=int(argv[0]))
     listeners = []
     for spec in argv[2:]:

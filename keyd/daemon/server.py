@@ -43,6 +43,7 @@ from keyd.daemon.access import Gate
 from keyd.daemon.manager import NOTARY_SCOPE, KeyManager
 from keyd.daemon.notify import notify, watchdog_interval
 from keyd.daemon.peers import RelayProcess, bind_public_socket
+from keyd.daemon.relay import raise_fd_limit
 from keyd.errors import KeydError, StartupError
 from keyd.policy import Policy
 from keyd.store.audit_state import AuditState
@@ -413,6 +414,7 @@ def serve(config: Config) -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT; returns the exit code."""
     logs.configure(config.log.level)
     os.umask(0o077)
+    raise_fd_limit()  # one descriptor per relayed connection here too
     stop = threading.Event()
     reload = threading.Event()
 
