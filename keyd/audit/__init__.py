@@ -5,7 +5,7 @@ Every request, allowed or refused, is recorded before it is answered: who asked
 the payload) and the result. Each record carries the hash of the one before it, and
 a dedicated Ed25519 key signs the chain head every few seconds, so edits, deletions,
 reordering and truncation show up in verify_log(). A record that cannot be written
-refuses the request (AuditUnavailable): keyd never signs without its record.
+refuses the request (AuditUnavailable): no signature leaves keyd without its record.
 
     log = AuditLog.open(directory, signer=key.sign, public_key=raw_public_key)
     log.append(AuditEvent(caller=caller, method="Sign", operation="sign",

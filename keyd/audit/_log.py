@@ -3,8 +3,9 @@
 Every append is one os.write of whole lines to an O_APPEND descriptor. If the
 write fails or is cut short (disk full, quota, I/O error), the file is truncated
 back to its previous size, the head stays where it was and AuditUnavailable is
-raised, so the daemon refuses the request: nothing is signed without its record,
-and the next append after the cause is fixed continues an intact chain.
+raised, so the daemon refuses the request: no result (no signature) leaves keyd
+without its record, and the next append after the cause is fixed continues an
+intact chain.
 
 Locks: `_checkpoint_lock` serialises checkpoints and rotation end to end (including
 the on_checkpoint callback, so heads are reported in order); `_lock` guards the

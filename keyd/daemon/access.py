@@ -162,7 +162,7 @@ class Request:
         if audit is None:
             return
         operation = self.operation.value if self.operation is not None else ""
-        if self.items is not None and exc is None:
+        if self.items and exc is None:  # an empty batch gets the one record below
             items = self.items
         else:
             items = [(self.key_id, self.payload_sha256, _result(exc))]

@@ -11,7 +11,7 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -221,6 +221,9 @@ class KeyManager:
         # Signing plans per key ID and requested encoding (see _plan).
         self._plans: dict[str, dict[SignatureEncoding, _SigningPlan]] = {}
         self._plans_lock = threading.Lock()
+        # Deletion, restoration and purging of a key happen one at a time, each on the
+        # key's current state (a restore and a purge never both win).
+        self._lifecycle = threading.Lock()
         self._scope: Scope | None = None
 
     def scoped(self, scope: Scope) -> KeyManager:
@@ -359,6 +362,10 @@ class KeyManager:
     def delete(self, key_id: str, *, destroy_on_device: bool = False) -> KeyRecord:
         """Move a key to pending deletion: it stops signing at once and can be restored
         until its window ends, when purge_due() removes it."""
+        with self._lifecycle:
+            return self._delete(key_id, destroy_on_device)
+
+    def _delete(self, key_id: str, destroy_on_device: bool) -> KeyRecord:
         record = self.get(key_id)  # NOT_FOUND for keys outside this view's scope
         if record.state is KeyState.PENDING_DELETION:
             raise FailedPrecondition(
@@ -384,24 +391,33 @@ class KeyManager:
         return record
 
     def restore(self, key_id: str) -> KeyRecord:
-        record = self.get(key_id)
-        if record.state is not KeyState.PENDING_DELETION:
-            raise FailedPrecondition(f"key {key_id} is not pending deletion")
-        record = self._catalog.set_state(key_id, KeyState.ACTIVE)
+        self.get(key_id)  # NOT_FOUND for keys outside this view's scope
+        with self._lifecycle:
+            if self._catalog.get(key_id).state is not KeyState.PENDING_DELETION:
+                raise FailedPrecondition(f"key {key_id} is not pending deletion")
+            record = self._catalog.set_state(key_id, KeyState.ACTIVE)
         log.info("key restored", extra={"key_id": key_id})
         return record
 
     def purge(self, key_id: str) -> None:
         """Remove a key pending deletion now, without waiting for its window."""
-        record = self.get(key_id)
-        if record.state is not KeyState.PENDING_DELETION:
-            raise FailedPrecondition(
-                f"key {key_id} is not pending deletion; delete it first (`keyd keys delete`)"
-            )
-        self._purge(record)
+        self.get(key_id)
+        with self._lifecycle:
+            if self._catalog.get(key_id).state is not KeyState.PENDING_DELETION:
+                raise FailedPrecondition(
+                    f"key {key_id} is not pending deletion; delete it first (`keyd keys delete`)"
+                )
+            self._purge(self._catalog.get(key_id))
 
-    def purge_due(self, now_ms: int | None = None) -> list[str]:
-        """Purge every key whose deletion window has ended; returns their IDs."""
+    def purge_due(
+        self,
+        now_ms: int | None = None,
+        *,
+        before: Callable[[KeyRecord], None] | None = None,
+    ) -> list[str]:
+        """Purge every key whose deletion window has ended; returns their IDs.
+        `before` runs first for each key (the audit record); if it raises, that key
+        stays pending until the next round."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         due = [
             r
@@ -409,12 +425,19 @@ class KeyManager:
             if r.state is KeyState.PENDING_DELETION and r.purge_after_unix_ms <= now_ms
         ]
         purged = []
-        for record in due:
-            try:
-                self._purge(record)
-            except KeydError as exc:
-                log.error("purge failed", extra={"key_id": record.key_id, "error": exc.message})
-                continue
+        for candidate in due:
+            with self._lifecycle:
+                # Again, now: it may have been restored or purged since the list was made.
+                record = self._catalog.find(candidate.key_id)
+                if record is None or record.state is not KeyState.PENDING_DELETION:
+                    continue
+                try:
+                    if before is not None:
+                        before(record)
+                    self._purge(record)
+                except KeydError as exc:
+                    log.error("purge failed", extra={"key_id": record.key_id, "error": exc.message})
+                    continue
             purged.append(record.key_id)
         return purged
 
@@ -449,7 +472,17 @@ class KeyManager:
         self._check_size(data)
         if self._scope is not None:
             self.get(key_id)  # first: a hidden key's state or backend must not show
-        return self._get_plan(key_id, encoding).sign_one(data)
+        signature = self._get_plan(key_id, encoding).sign_one(data)
+        self._check_still_active(key_id)
+        return signature
+
+    def _check_still_active(self, key_id: str) -> None:
+        """After signing: a key deleted while its signature was being made gives no
+        signature (deletion takes effect for every request that has not finished)."""
+        if not self._catalog.is_active(key_id):
+            raise FailedPrecondition(
+                f"key {key_id} was deleted while signing; the signature was discarded"
+            )
 
     def _check_size(self, data: SignInput) -> None:
         size = len(data.payload)
@@ -481,6 +514,7 @@ class KeyManager:
                     self.get(key_id)
                 plan = self._get_plan(key_id, encoding)
                 results = plan.sign([items[i].data for i in indices], prehashed=prehashed)
+                self._check_still_active(key_id)
             except KeydError as exc:
                 results = [exc] * len(indices)
             for i, outcome in zip(indices, results, strict=True):

@@ -32,12 +32,13 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from keyd.audit import RESULT_OK, AuditEvent, AuditLog
+from keyd.audit import RESULT_OK, AuditLog
 from keyd.backends.base import Backend
 from keyd.backends.pkcs11 import Pkcs11Backend
 from keyd.backends.store import StoreBackend
 from keyd.config import AccessMode, Config
 from keyd.core.identity import Caller, Operation
+from keyd.core.model import KeyRecord
 from keyd.daemon import api, logs
 from keyd.daemon.access import Gate
 from keyd.daemon.manager import NOTARY_SCOPE, KeyManager
@@ -340,14 +341,30 @@ def _grpc_server(
         max_batch_items=server_config.max_batch_items,
         audit_public_key=audit_public_key,
     )
-    health_servicer = health.HealthServicer()
+    health_servicer = _CheckOnlyHealth()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *api.SERVICE_NAMES):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (*api.SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    if not gate.enforcing:
+        # Reflection is a stream that holds a worker thread for as long as the client
+        # likes, outside the policy: only where the socket's permissions are all there is.
+        reflection.enable_server_reflection(
+            (*api.SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
     return server, health_servicer
+
+
+class _CheckOnlyHealth(health.HealthServicer):
+    """The standard health service without Watch: a Watch stream would hold one of
+    the few worker threads for as long as any socket user keeps it open."""
+
+    def Watch(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.ServicerContext,
+        send_response_callback: object = None,
+    ) -> None:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "keyd answers Check only; poll it")
 
 
 def _listen(server: grpc.Server, address: str, shown: str) -> None:
@@ -465,24 +482,17 @@ def serve(config: Config) -> int:
 
 
 def _purge_due(manager: KeyManager, service: Service) -> None:
-    purged = manager.purge_due()
-    if purged and service.audit is not None:
-        # The daemon's own act, recorded like a request.
-        me = Caller(
-            uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), groups=frozenset(), socket="keyd"
-        )
-        try:
-            service.audit.append_many(
-                [
-                    AuditEvent(
-                        caller=me,
-                        method="PurgeDue",
-                        operation=Operation.ADMIN.value,
-                        key_id=key_id,
-                        result=RESULT_OK,
-                    )
-                    for key_id in purged
-                ]
-            )
-        except KeydError as exc:
-            log.error("purges not audited", extra={"error": exc.message, "keys": len(purged)})
+    audit = service.audit
+    # The daemon's own act, recorded like a request, before it happens.
+    me = Caller(
+        uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), groups=frozenset(), socket="keyd"
+    )
+
+    def record(key: KeyRecord) -> None:
+        if audit is not None:
+            audit.append_items(me, "PurgeDue", Operation.ADMIN.value, [(key.key_id, "", RESULT_OK)])
+
+    try:
+        manager.purge_due(before=record)
+    except Exception:  # the loop must go on: SIGTERM still has to drain and checkpoint
+        log.exception("purging keys failed; retrying later")

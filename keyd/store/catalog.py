@@ -73,6 +73,14 @@ class Catalog:
             raise NotFound(f"no key with ID {key_id}; `keyd keys list` shows the keys keyd has")
         return record
 
+    def find(self, key_id: str) -> KeyRecord | None:
+        return self._records.get(key_id)
+
+    def is_active(self, key_id: str) -> bool:
+        """Whether the key exists and may sign (cheap: the signing path asks it)."""
+        record = self._records.get(key_id)
+        return record is not None and record.state is KeyState.ACTIVE
+
     def select(self, selector: KeySelector) -> list[KeyRecord]:
         records = [r for r in list(self._records.values()) if selector.matches(r)]
         records.sort(key=lambda r: (r.created_unix_ms, r.key_id))

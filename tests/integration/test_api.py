@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -297,7 +298,7 @@ def test_client_side_payload_type_errors(client: Client, keys: dict[KeyType, Key
         client.sign(keys[KeyType.ECDSA_P256].key_id, b"m", digest=b"\0" * 32)
 
 
-def test_health_and_reflection(shared_daemon: Daemon) -> None:
+def test_health_check_but_no_streams_outside_the_policy(shared_daemon: Daemon) -> None:
     with grpc.insecure_channel(f"unix:{shared_daemon.socket}") as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "keyd.v1.KeyService", "keyd.v1.SignService"):
@@ -307,17 +308,36 @@ def test_health_and_reflection(shared_daemon: Daemon) -> None:
             health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
         assert info.value.code() is grpc.StatusCode.NOT_FOUND
 
+        # Streams that would hold a worker thread for anyone who can open the socket,
+        # unchecked by the policy, are not served.
+        with pytest.raises(grpc.RpcError) as info:
+            next(iter(health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=10)))
+        assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = stub.ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
-        )
-        names = {s.name for r in replies for s in r.list_services_response.service}
-        assert {
-            "keyd.v1.KeyService",
-            "keyd.v1.SignService",
-            "keyd.v1.StatusService",
-            "grpc.health.v1.Health",
-        } <= names
+        with pytest.raises(grpc.RpcError) as info:
+            list(
+                stub.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+                )
+            )
+        assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_reflection_in_open_mode(short_tmp: Path) -> None:
+    d = Daemon(short_tmp / "d", access_extra='mode = "open"')
+    d.init()
+    d.start()
+    try:
+        with grpc.insecure_channel(f"unix:{d.socket}") as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            replies = stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+            )
+            names = {s.name for r in replies for s in r.list_services_response.service}
+        assert {"keyd.v1.KeyService", "keyd.v1.SignService", "keyd.v1.StatusService"} <= names
+        assert "callers are not identified" in d.logs()
+    finally:
+        assert d.stop() == 0
 
 
 def test_status(client: Client, shared_daemon: Daemon) -> None:

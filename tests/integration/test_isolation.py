@@ -24,7 +24,7 @@ from keyd.core.keys import PublicKey
 from keyd.core.keytypes import KeyType
 from keyd.core.model import KeyRecord
 from keyd.daemon.server import open_manager, start_service
-from keyd.errors import InvalidArgument, ResourceExhausted
+from keyd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from keyd.store.database import Database
 from keyd.store.secret import StoreSecret, create_secret_file
 
@@ -122,3 +122,27 @@ def test_slow_backend_does_not_stall_store_keys(server: tuple[Client, SlowBacken
     slow.release.set()
     waiter.join(WAIT)
     assert len(slow_result) == 1  # the slow signature completed and was verified
+
+
+def test_a_signature_finished_after_its_key_was_deleted_is_discarded(
+    server: tuple[Client, SlowBackend],
+) -> None:
+    client, slow = server
+    key = client.create_key(KeyType.ED25519, backend="slow")
+    outcome: list[object] = []
+
+    def sign() -> None:
+        try:
+            outcome.append(client.sign(key.key_id, b"m"))
+        except FailedPrecondition as exc:
+            outcome.append(exc)
+
+    signer = threading.Thread(target=sign)
+    signer.start()
+    assert slow.started.wait(10)  # the device is making the signature ...
+    client.delete_key(key.key_id)  # ... when the key is deleted
+    slow.release.set()
+    signer.join(WAIT)
+    (result,) = outcome
+    assert isinstance(result, FailedPrecondition)
+    assert "deleted while signing" in result.message
