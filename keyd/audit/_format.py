@@ -149,6 +149,44 @@ def encode_events(
     return lines, prev
 
 
+def encode_batch(
+    caller: Caller,
+    method: str,
+    operation: str,
+    time_ms: int,
+    items: Sequence[tuple[str, str, str]],
+    *,
+    seq: int,
+    prev: str,
+) -> bytes:
+    """One event record for a request of many items (SignBatch): `items` lists each
+    item's key ID, payload digest and result. One record, not one per item, so the
+    cost per signature is a list entry, not a record and its hash."""
+    for _, digest, _ in items:
+        if digest and not is_hex_digest(digest):
+            raise ValueError("payload_sha256 must be digest_payload(payload): 64 lowercase hex")
+    return encode_record(
+        {
+            "type": RecordType.EVENT.value,
+            "seq": seq,
+            "prev": prev,
+            "time_ms": time_ms,
+            "uid": caller.uid,
+            "gid": caller.gid,
+            "pid": caller.pid,
+            "user": caller.user,
+            "exe": caller.exe,
+            "socket": caller.socket,
+            "method": method,
+            "operation": operation,
+            "key_id": "",
+            "payload_sha256": "",
+            "result": "ok",
+            "items": [list(item) for item in items],
+        }
+    )
+
+
 def open_record(reason: OpenReason, public_key: bytes, seq: int, prev: str) -> dict[str, Any]:
     return {
         "type": "open",

@@ -38,6 +38,7 @@ from keyd.audit._format import (
     audit_files,
     checkpoint_message,
     checkpoint_record,
+    encode_batch,
     encode_event,
     encode_events,
     encode_record,
@@ -198,6 +199,28 @@ class AuditLog:
             self._hash = last
             self._unsigned += len(items)
             seq = self._seq
+            full = self._size >= self._rotate_bytes
+        if full:
+            self._rotate()
+        return seq
+
+    def append_batch(
+        self,
+        caller: Caller,
+        method: str,
+        operation: str,
+        items: Sequence[tuple[str, str, str]],
+        time_ms: int | None = None,
+    ) -> int:
+        """Record one request of many items (key ID, payload digest, result) as one
+        event record with an `items` list; its seq. The daemon's SignBatch path."""
+        when = now_ms() if time_ms is None else time_ms
+        with self._lock:
+            seq = self._seq + 1
+            line = encode_batch(caller, method, operation, when, items, seq=seq, prev=self._hash)
+            self._write(line + b"\n")
+            self._seq, self._hash = seq, record_hash(line)
+            self._unsigned += 1
             full = self._size >= self._rotate_bytes
         if full:
             self._rotate()

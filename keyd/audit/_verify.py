@@ -400,6 +400,23 @@ def _check_event(at: _At, record: dict[str, Any], seq: int) -> None:
         raise at.problem(
             ProblemKind.MALFORMED, f"{at}: event field payload_sha256 is not a SHA-256", seq
         )
+    items = record.get("items", [])
+    if not isinstance(items, list) or not all(_is_item(item) for item in items):
+        raise at.problem(
+            ProblemKind.MALFORMED,
+            f"{at}: event field items is not a list of [key ID, payload SHA-256, result]",
+            seq,
+        )
+
+
+def _is_item(item: object) -> bool:
+    """One SignBatch item of an event record: [key ID, payload digest or "", result]."""
+    return (
+        isinstance(item, list)
+        and len(item) == 3
+        and all(isinstance(part, str) for part in item)
+        and (not item[1] or is_hex_digest(item[1]))
+    )
 
 
 def _find_seq(

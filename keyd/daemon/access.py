@@ -101,7 +101,7 @@ class Request:
         self.operation = op
         self.key_id = ""
         self.payload_sha256 = ""
-        # SignBatch: one audit record per item (key ID, payload digest, result).
+        # SignBatch: its items (key ID, payload digest, result) for the audit record.
         self.items: list[tuple[str, str, str]] | None = None
         self._refused: KeydError | None = None
 
@@ -162,12 +162,13 @@ class Request:
         if audit is None:
             return
         operation = self.operation.value if self.operation is not None else ""
-        if self.items and exc is None:  # an empty batch gets the one record below
-            items = self.items
-        else:
-            items = [(self.key_id, self.payload_sha256, _result(exc))]
+        caller = self.caller or _UNKNOWN
         try:
-            audit.append_items(self.caller or _UNKNOWN, self.method, operation, items)
+            if self.items and exc is None:  # an empty or failed batch: the record below
+                audit.append_batch(caller, self.method, operation, self.items)
+            else:
+                item = (self.key_id, self.payload_sha256, _result(exc))
+                audit.append_items(caller, self.method, operation, [item])
         except AuditUnavailable:
             # No record, no result: whatever the request produced is dropped.
             log.error("request refused: the audit log cannot be written", exc_info=False)

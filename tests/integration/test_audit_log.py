@@ -31,17 +31,18 @@ def test_chain_verifies_after_1000_mixed_requests_and_tampering_is_pinpointed(
 ) -> None:
     with daemon.client() as client:
         keys = [client.create_key(KeyType.ECDSA_P256, role="timestamp") for _ in range(3)]
-        items = [SignItem(keys[i % 3].key_id, b"m%d" % i) for i in range(900)]
-        assert all(not isinstance(r, Exception) for r in client.sign_batch(items))
-        for i in range(60):
-            client.sign(keys[i % 3].key_id, b"x")
-        for _ in range(20):
+        for i in range(850):
+            client.sign(keys[i % 3].key_id, b"m%d" % i)
+        items = [SignItem(keys[i % 3].key_id, b"b%d" % i) for i in range(100)]
+        for _ in range(10):  # 10 requests of 100 signatures: one record each
+            assert all(not isinstance(r, Exception) for r in client.sign_batch(items))
+        for _ in range(80):
             with pytest.raises(NotFound):
                 client.sign("0" * 64, b"x")
-        for _ in range(10):
+        for _ in range(50):
             client.list_keys()
         client.delete_key(keys[2].key_id)
-        for _ in range(5):
+        for _ in range(10):
             with pytest.raises(FailedPrecondition):
                 client.sign(keys[2].key_id, b"x")
         public_key = client.status().audit_public_key

@@ -813,3 +813,23 @@ def test_a_request_s_items_are_written_as_its_events_would_be(tmp_path: Path) ->
     assert last == prev
     with pytest.raises(ValueError, match="payload_sha256"):
         encode_events(caller, "Sign", "sign", 5, [("k", "the payload", "ok")], seq=0, prev=prev)
+
+
+def test_a_batch_is_one_record_that_verifies(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    caller = Caller(uid=7, gid=8, pid=9, groups=frozenset(), user="ci", exe="/bin/x")
+    items = [("k" * 64, "ab" * 32, "ok"), ('odd"id', "", "NotFound")]
+    with AuditLog.open(tmp_path / "a", signer=key.sign, public_key=raw_public(key)) as log:
+        seq = log.append_batch(caller, "SignBatch", "sign", items)
+        with pytest.raises(ValueError, match="payload_sha256"):
+            log.append_batch(caller, "SignBatch", "sign", [("k", "the payload", "ok")])
+        assert log.head[0] == seq  # the refused batch left nothing
+    report = verify_log(tmp_path / "a", raw_public(key))
+    assert report.ok, report.problem
+    (line,) = [
+        json.loads(raw)
+        for path in sorted((tmp_path / "a").glob("*.jsonl"))
+        for raw in path.read_text().splitlines()
+        if '"SignBatch"' in raw
+    ]
+    assert line["items"] == [list(item) for item in items]
