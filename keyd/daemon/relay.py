@@ -132,6 +132,8 @@ class _Connection:
         self.upstream.partner = self.client
         self.name = ""
         self.upstream_sock: socket.socket | None = None
+        self.connecting = False  # the upstream socket is inside an asyncio connect
+        self.released = False
         self.closed = False
         self.task: asyncio.Task[None] | None = None
 
@@ -153,6 +155,9 @@ class _Connection:
             self.release_upstream()
 
     def release_upstream(self) -> None:
+        self.released = True
+        if self.connecting:
+            return  # _open_upstream releases it when the connect ends, never mid-call
         if self.upstream.transport is not None:
             self.upstream.transport.abort()
         elif self.upstream_sock is not None:
@@ -286,12 +291,20 @@ class Relay:
             if not connection.is_open():
                 return
             upstream.setblocking(False)
-            await self.loop.sock_connect(upstream, self._private)
-            await self.loop.create_unix_connection(lambda: connection.upstream, sock=upstream)
+            connection.connecting = True
+            try:
+                await self.loop.sock_connect(upstream, self._private)
+                await self.loop.create_unix_connection(lambda: connection.upstream, sock=upstream)
+            finally:
+                connection.connecting = False
         except Exception as exc:  # noqa: BLE001 - one connection fails, the relay goes on
             print(f"keyd relay: cannot relay a connection: {exc}", file=sys.stderr)
             connection.close()
+            if connection.released:
+                connection.release_upstream()
             return
+        if connection.released:  # unregistered while connecting: finish the release
+            connection.release_upstream()
         if not connection.is_open():
             return  # the client left while we connected; close() cleans up
         transport.resume_reading()
