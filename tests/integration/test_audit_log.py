@@ -232,3 +232,21 @@ def test_destroying_a_device_key_needs_admin_and_confirmation(daemon: Daemon) ->
     )
     assert result.returncode != 0
     assert "--confirm" in result.stderr
+
+
+def test_rotation_keeps_one_chain_across_files(short_tmp: Path) -> None:
+    d = Daemon(short_tmp / "d", extra="[audit]\nrotate_bytes = 65536\n")
+    d.init()
+    d.start()
+    with d.client() as client:
+        key = client.create_key(KeyType.ED25519)
+        for i in range(400):
+            client.sign(key.key_id, b"%d" % i)
+        public_key = client.status().audit_public_key
+    assert d.stop() == 0
+    files = sorted(d.audit.glob("audit-*.jsonl"))
+    assert len(files) >= 2
+    report = json.loads(verify_cli(d.audit, key=public_key).stdout)
+    assert report["ok"], report["problem"]
+    assert report["files"] == len(files)
+    assert report["records"] >= 400
