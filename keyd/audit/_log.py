@@ -164,16 +164,21 @@ class AuditLog:
 
     def append(self, event: AuditEvent) -> int:
         """Record one request; its seq. Raises AuditUnavailable: refuse the request."""
-        with self._lock:
-            seq = self._seq + 1
-            line = encode_event(event, seq, self._hash)
-            self._write(line + b"\n")
-            self._seq, self._hash = seq, record_hash(line)
-            self._unsigned += 1
-            full = self._size >= self._rotate_bytes
-        if full:
-            self._rotate()
-        return seq
+        return self.append_many((event,))
+
+    def append_many(self, events: Sequence[AuditEvent]) -> int:
+        """Record several requests with one write (all or none); the last seq."""
+
+        def encode(seq: int, prev: str) -> tuple[list[bytes], str]:
+            lines = []
+            for event in events:
+                seq += 1
+                line = encode_event(event, seq, prev)
+                prev = record_hash(line)
+                lines.append(line)
+            return lines, prev
+
+        return self._append(encode)
 
     def append_items(
         self,
@@ -184,25 +189,14 @@ class AuditLog:
         time_ms: int | None = None,
     ) -> int:
         """Record one request's events, one per (key ID, payload digest, result) item,
-        with one write (all or none); the last seq. The daemon's path: cheaper than
-        append_many for a batch of signatures."""
+        with one write (all or none); the last seq. The daemon's path for requests of
+        one item: no AuditEvent is built."""
         when = now_ms() if time_ms is None else time_ms
-        with self._lock:
-            if not items:
-                return self._seq
-            lines, last = encode_events(
-                caller, method, operation, when, items, seq=self._seq, prev=self._hash
+        return self._append(
+            lambda seq, prev: encode_events(
+                caller, method, operation, when, items, seq=seq, prev=prev
             )
-            lines.append(b"")
-            self._write(b"\n".join(lines))
-            self._seq += len(items)
-            self._hash = last
-            self._unsigned += len(items)
-            seq = self._seq
-            full = self._size >= self._rotate_bytes
-        if full:
-            self._rotate()
-        return seq
+        )
 
     def append_batch(
         self,
@@ -215,33 +209,27 @@ class AuditLog:
         """Record one request of many items (key ID, payload digest, result) as one
         event record with an `items` list; its seq. The daemon's SignBatch path."""
         when = now_ms() if time_ms is None else time_ms
-        with self._lock:
-            seq = self._seq + 1
-            line = encode_batch(caller, method, operation, when, items, seq=seq, prev=self._hash)
-            self._write(line + b"\n")
-            self._seq, self._hash = seq, record_hash(line)
-            self._unsigned += 1
-            full = self._size >= self._rotate_bytes
-        if full:
-            self._rotate()
-        return seq
 
-    def append_many(self, events: Sequence[AuditEvent]) -> int:
-        """Record several requests with one write (all or none); the last seq."""
+        def encode(seq: int, prev: str) -> tuple[list[bytes], str]:
+            line = encode_batch(caller, method, operation, when, items, seq=seq + 1, prev=prev)
+            return [line], record_hash(line)
+
+        return self._append(encode)
+
+    def _append(self, encode: Callable[[int, str], tuple[list[bytes], str]]) -> int:
+        """Write the records encode(head seq, head hash) makes, in one write; the new
+        head's seq. Rotates afterwards when the file is full."""
         with self._lock:
-            seq, prev = self._seq, self._hash
-            if not events:
-                return seq
-            lines = []
-            for event in events:
-                seq += 1
-                line = encode_event(event, seq, prev)
-                prev = record_hash(line)
-                lines.append(line)
+            lines, last = encode(self._seq, self._hash)
+            if not lines:
+                return self._seq
             lines.append(b"")
             self._write(b"\n".join(lines))
-            self._seq, self._hash = seq, prev
-            self._unsigned += len(events)
+            count = len(lines) - 1
+            self._seq += count
+            self._hash = last
+            self._unsigned += count
+            seq = self._seq
             full = self._size >= self._rotate_bytes
         if full:
             self._rotate()
