@@ -3,8 +3,10 @@
     card = EmulatedCard(version=(5, 4, 3))
     session = PivSession(EmulatedConnection(card))
 
-Opening and closing a connection power-cycles the card, as a PC/SC disconnect does with a
-real YubiKey: PIN and management-key status do not survive it; keys and objects do.
+Closing a connection powers the card off, as a PC/SC disconnect does with a YubiKey: PIN and
+management-key status do not survive it; keys and objects do. Opening one does not reset the
+card, but PivSession's SELECT does reset the PIV security status (as on a YubiKey), so two
+sessions on one card undo each other's PIN and management-key authentication.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ class EmulatedConnection(SmartCardConnection):
 
     def __init__(self, card: EmulatedCard) -> None:
         self.card = card
-        self.atr = card.power_on()
+        self.atr = card.atr
         self._closed = False
 
     @property

@@ -306,7 +306,7 @@ class CardState:
 
 @dataclass
 class _Session:
-    """Volatile security status: lost on power-off and on SELECT (SP 800-73-4 Part 2 3.1.1)."""
+    """Volatile security status: lost on power-off and on any SELECT (see `_select`)."""
 
     applet: bytes | None = None
     pin_verified: bool = False
@@ -534,9 +534,11 @@ class EmulatedCard:
     # SELECT (Part 2 3.1.1) and the Management applet
 
     def _select(self, p1: int, aid: bytes) -> bytes:
+        """Any SELECT resets the PIV security status on a YubiKey, even of the PIV AID itself or
+        of an AID it lacks (OpenSC#624, OpenSC#1243); SP 800-73-4 would keep it."""
         if p1 != 0x04:
             raise CardError(SW.INCORRECT_P1P2)
-        self._session = _Session()  # selecting an application resets its security status
+        self._session = _Session(applet=self._session.applet)
         if aid.startswith(PIV_AID):
             self._session.applet = PIV_AID
             # Application property template: PIX of the PIV app, coexistent tag allocation authority
