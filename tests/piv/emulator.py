@@ -312,8 +312,7 @@ class _Session:
     pin_verified: bool = False
     pin_fresh: bool = False  # VERIFY succeeded and no private-key use since (PIN policy ALWAYS)
     mgmt_authenticated: bool = False
-    witness: bytes | None = None  # mutual auth step 1
-    challenge: bytes | None = None  # external-auth style (7C{81 00}) step 1
+    witness: bytes | None = None  # management key mutual auth, between step 1 and step 2
     last_touch: float = float("-inf")
     chain_head: tuple[int, int, int] | None = None
     chain_data: bytes = b""
@@ -709,7 +708,7 @@ class EmulatedCard:
         if p1 != st.mgmt_key_type:
             raise CardError(SW.INCORRECT_DATA)
         size = 8 if st.mgmt_key_type == MgmtKeyType.TDES else 16
-        witness, challenge, response = fields.get(0x80), fields.get(0x81), fields.get(0x82)
+        witness, challenge = fields.get(0x80), fields.get(0x81)
         if witness == b"" and challenge is None:  # mutual auth, step 1: card sends E(witness)
             s.mgmt_authenticated, s.witness = False, os.urandom(size)
             return tlv(0x7C, tlv(0x80, _ecb(st.mgmt_key_type, st.mgmt_key, s.witness)))
@@ -720,19 +719,6 @@ class EmulatedCard:
             self._mgmt_touch()
             s.mgmt_authenticated = True
             return tlv(0x7C, tlv(0x82, _ecb(st.mgmt_key_type, st.mgmt_key, challenge)))
-        if challenge == b"":  # one-way (external) auth, step 1: card sends a plain challenge
-            s.mgmt_authenticated, s.challenge = False, os.urandom(size)
-            return tlv(0x7C, tlv(0x81, s.challenge))
-        if response:  # step 2: host returns E(challenge)
-            expected, s.challenge = s.challenge, None
-            good = expected is not None and bytes_eq(
-                response, _ecb(st.mgmt_key_type, st.mgmt_key, expected)
-            )
-            if not good:
-                raise CardError(SW.SECURITY_STATUS)
-            self._mgmt_touch()
-            s.mgmt_authenticated = True
-            return b""
         raise CardError(SW.INCORRECT_DATA)
 
     def _mgmt_touch(self) -> None:

@@ -123,10 +123,23 @@ def test_version_serial_and_management_applet(
     assert tuple(info.version) == card.version
 
 
-def test_usb_atr_selects_extended_apdus() -> None:
-    conn = EmulatedConnection(EmulatedCard())
-    assert conn.atr == YUBIKEY5_USB_ATR
-    assert conn.transport.name == "USB"
+def test_usb_atr_gets_extended_apdus(card57: EmulatedCard, monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[bytes] = []
+    transmit = card57.transmit
+
+    def record(apdu: bytes) -> bytes:
+        sent.append(apdu)
+        return transmit(apdu)
+
+    monkeypatch.setattr(card57, "transmit", record)
+    conn = EmulatedConnection(card57)
+    assert (conn.atr, conn.transport.name) == (YUBIKEY5_USB_ATR, "USB")
+    session = admin(PivSession(conn), pin=None)
+    session.put_object(0x5FC10E, bytes(1000))
+    assert session.get_object(0x5FC10E) == bytes(1000)
+    put = sent[-2]
+    assert put[:5] == bytes.fromhex("00DB3FFF00")  # one extended APDU, no chaining
+    assert int.from_bytes(put[5:7], "big") == len(put) - 7
 
 
 # --- PIN and PUK ---------------------------------------------------------------------------------
@@ -491,6 +504,7 @@ def test_imported_key_cannot_be_attested(
 # --- certificates and data objects ---------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:Deprecated. use x509.Name.from_rfc4514_string")
 @pytest.mark.parametrize("compress", [False, True])
 def test_put_get_delete_certificate(
     card: EmulatedCard, compress: bool, connect: Callable[[EmulatedCard], PivSession]
