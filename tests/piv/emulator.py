@@ -15,6 +15,12 @@ waits). Without a touch it returns 6982, as a YubiKey does after its 15 s of bli
 (Yubico/yubico-piv-tool#185: "Failed sign command with code 6982" = "User did not touch the
 yubikey within 15 seconds").
 
+Assumed where no public source was found: PIN policy ALWAYS lets one VERIFY buy exactly one
+private-key operation (other commands in between do not cancel it); ATTEST of an imported key
+gives 6A80, of an empty slot 6A88; RESET with PIN or PUK not blocked gives 6985; an ECDSA input
+longer than the field size gives 6A80 (yubikit truncates, so it never sends one); a VERIFY
+without a prior SELECT after power-on gives 6D00 (no default applet).
+
 Only `cryptography` and the standard library are used; keyd is never imported.
 """
 
@@ -110,6 +116,8 @@ KEY_TYPE_SINCE: dict[KeyType, Version] = {
     KeyType.ED25519: (5, 7, 0),
     KeyType.X25519: (5, 7, 0),
 }
+# Firmware that introduced an instruction: MOVE KEY, GET METADATA, GET SERIAL, ATTEST.
+INS_SINCE: dict[int, Version] = {0xF6: (5, 7, 0), 0xF7: (5, 3, 0), 0xF8: (5, 0, 0), 0xF9: (4, 3, 0)}
 # Yubico policies: PIN 1 NEVER, 2 ONCE, 3 ALWAYS; touch 1 NEVER, 2 ALWAYS, 3 CACHED; 0 default
 PIN_NEVER, PIN_ONCE, PIN_ALWAYS = 1, 2, 3
 TOUCH_NEVER, TOUCH_ALWAYS, TOUCH_CACHED = 1, 2, 3
@@ -519,14 +527,8 @@ class EmulatedCard:
             raise CardError(SW.INS_NOT_SUPPORTED)
         if self._session.applet != PIV_AID:
             raise CardError(SW.INS_NOT_SUPPORTED)
-        gates: dict[int, Version] = {
-            0xF6: (5, 7, 0),
-            0xF7: (5, 3, 0),
-            0xF8: (5, 0, 0),
-            0xF9: (4, 3, 0),
-        }
         handler = self._piv_commands.get(ins)
-        if handler is None or self.version < gates.get(ins, (0, 0, 0)):
+        if handler is None or self.version < INS_SINCE.get(ins, (0, 0, 0)):
             raise CardError(SW.INS_NOT_SUPPORTED)
         return handler(self, p1, p2, data)
 
@@ -537,7 +539,7 @@ class EmulatedCard:
         of an AID it lacks (OpenSC#624, OpenSC#1243); SP 800-73-4 would keep it."""
         if p1 != 0x04:
             raise CardError(SW.INCORRECT_P1P2)
-        self._session = _Session(applet=self._session.applet)
+        self._session = _Session(applet=self._session.applet, last_touch=self._session.last_touch)
         if aid.startswith(PIV_AID):
             self._session.applet = PIV_AID
             # Application property template: PIX of the PIV app, coexistent tag allocation authority

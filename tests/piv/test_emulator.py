@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, x25519
 from ykman.piv import (
     generate_chuid,
     generate_self_signed_certificate,
@@ -140,6 +140,26 @@ def test_usb_atr_gets_extended_apdus(card57: EmulatedCard, monkeypatch: pytest.M
     put = sent[-2]
     assert put[:5] == bytes.fromhex("00DB3FFF00")  # one extended APDU, no chaining
     assert int.from_bytes(put[5:7], "big") == len(put) - 7
+
+
+def test_framing_errors_and_select(card57: EmulatedCard) -> None:
+    def sw(apdu: str) -> int:
+        return int.from_bytes(card57.transmit(bytes.fromhex(apdu))[-2:], "big")
+
+    assert sw("00FD000000") == SW.INVALID_INSTRUCTION  # nothing selected yet
+    assert sw("00A4040005A000000308") == SW.OK
+    assert sw("00200080" + "08" + b"123456".hex() + "FFFF") == SW.OK
+    assert sw("0020008000") == SW.OK  # verified
+    assert sw("00A4040003A00000") == SW.FILE_NOT_FOUND  # unknown AID: applet kept, status reset
+    assert sw("0020008000") == 0x63C3
+    assert sw("00200080" + "08" + b"123456".hex() + "FFFF") == SW.OK
+    assert sw("0020FF8000") == SW.OK  # P1=FF: log the PIN out (SP 800-73-4 3.2.1)
+    assert sw("0020008000") == 0x63C3
+    assert sw("00EE000000") == SW.INVALID_INSTRUCTION
+    assert sw("80FD000000") == SW.CLASS_NOT_SUPPORTED
+    assert sw("00C0000000") == SW.CONDITIONS_NOT_SATISFIED  # GET RESPONSE with nothing pending
+    assert sw("00FD") == SW.WRONG_LENGTH
+    assert card57.transmit(bytes.fromhex("00FD000000")) == bytes.fromhex("0507029000")
 
 
 # --- PIN and PUK ---------------------------------------------------------------------------------
@@ -350,6 +370,19 @@ def test_rsa_pss_pkcs1_and_decrypt(
     assert session.decrypt(SLOT.KEY_MANAGEMENT, secret, padding.PKCS1v15()) == b"wrapped key"
     meta = session.get_slot_metadata(SLOT.KEY_MANAGEMENT)
     assert (meta.generated, meta.pin_policy) == (False, PIN_POLICY.ONCE)
+
+
+def test_x25519_on_57_agrees(
+    card57: EmulatedCard, connect: Callable[[EmulatedCard], PivSession]
+) -> None:
+    session = admin(connect(card57))
+    public = session.generate_key(SLOT.KEY_MANAGEMENT, KEY_TYPE.X25519)
+    assert isinstance(public, x25519.X25519PublicKey)
+    peer = x25519.X25519PrivateKey.generate()
+    assert session.calculate_secret(SLOT.KEY_MANAGEMENT, peer.public_key()) == peer.exchange(public)
+    with pytest.raises(ApduError) as no_signing:
+        raw(session, 0x87, KEY_TYPE.X25519, SLOT.KEY_MANAGEMENT, bytes.fromhex("7C058200810100"))
+    assert sw_of(no_signing) == SW.INCORRECT_PARAMETERS
 
 
 def test_import_ec_and_ed25519_and_ecdh(
