@@ -1,0 +1,1 @@
+"""An emulated YubiKey PIV card and the tests that drive it through yubikit's PivSession."""
