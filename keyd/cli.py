@@ -371,6 +371,36 @@ def cmd_whoami(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit_reset(args: argparse.Namespace) -> int:
+    """Let keyd start a new audit log after the old one was lost (daemon stopped)."""
+    from keyd.store.audit_state import AuditState
+    from keyd.store.database import Database
+    from keyd.store.secret import load_store_secret
+
+    if not args.yes:
+        raise InvalidArgument(
+            "keyd refuses to start without the audit log it last wrote; this makes it forget "
+            "that log's last checkpoint and start a new chain. Restore the log from a backup "
+            "if you can; otherwise confirm with --yes"
+        )
+    config = Config.load(args.config)
+    secret = load_store_secret(config.store.secret_kind, config.store.secret_file)
+    db = Database.open(config.store.path, secret)  # refused while the daemon runs (lock)
+    try:
+        forgotten = AuditState(db).forget_head()
+    finally:
+        db.close()
+    if forgotten is None:
+        print("keyd had recorded no audit checkpoint; nothing to forget")
+    else:
+        seq, head = forgotten
+        print(
+            f"forgot audit checkpoint seq {seq} (hash {head}); keyd continues whatever log is "
+            f"in {config.audit_directory}, or starts a new one"
+        )
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from keyd.audit import format_report, verify_log
 
@@ -634,6 +664,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_audit_verify)
+    p = audit_sub.add_parser(
+        "reset",
+        help="after losing the audit log: let keyd start a new one (daemon stopped; "
+        "needs the store secret)",
+    )
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="keyd's configuration")
+    p.add_argument("--yes", action="store_true", help="confirm")
+    p.set_defaults(func=cmd_audit_reset)
     return parser
 
 

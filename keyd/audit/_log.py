@@ -145,7 +145,8 @@ class AuditLog:
                 raise AuditCorrupt(
                     f"audit log {directory} is empty, but keyd recorded its checkpoint seq "
                     f"{expected_head[0]} (hash {expected_head[1]}): the log was removed. "
-                    f"Restore it from a backup into {directory}"
+                    f"Restore it from a backup into {directory}, or start a new log with "
+                    "`keyd audit reset` (keyd stopped)"
                 )
             else:
                 with log._lock:
@@ -565,8 +566,8 @@ def _refusal(directory: Path, problem: Problem) -> str:
     return (
         f"audit log {directory} is damaged ({problem.kind.value}): {problem.message}. keyd "
         f"will not add to a log it cannot vouch for: run `keyd audit verify {directory}` for "
-        "the full report, keep the files as evidence and move them out of the directory to "
-        "start a new log"
+        "the full report, keep the files as evidence and move them out of the directory, "
+        "then `keyd audit reset` (keyd stopped) starts a new log"
     )
 
 
@@ -612,7 +613,8 @@ def _check_expected(
             f"audit log {directory} ends at seq {chain.last_seq}, but keyd recorded the "
             f"checkpoint seq {seq} (hash {digest}): records were removed from its end or the "
             f"log was replaced by an older copy. Restore the log from a backup, or keep these "
-            "files as evidence and start a new log"
+            "files as evidence, move them out of the directory and run `keyd audit reset` "
+            "(keyd stopped) to start a new log"
         )
     if seq >= chain.first_seq:
         found = chain.watched[0] if chain.watched else ""

@@ -49,3 +49,11 @@ class AuditState:
                 "UPDATE audit_state SET head_seq = ?, head_hash = ? WHERE id = 1",
                 (seq, record_hash),
             )
+
+    def forget_head(self) -> tuple[int, str] | None:
+        """Forget the last checkpoint (an operator starting a new log after losing the
+        old one); returns what was forgotten."""
+        head = self.head()
+        with self._db.transaction() as conn:
+            conn.execute("UPDATE audit_state SET head_seq = 0, head_hash = '' WHERE id = 1")
+        return head

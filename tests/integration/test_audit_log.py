@@ -105,8 +105,23 @@ def test_a_truncated_log_stops_the_daemon_from_starting(daemon: Daemon) -> None:
     live.write_text("".join(lines[:10]))  # an intruder cuts the tail, checkpoints and all
     with pytest.raises(RuntimeError):
         daemon.start()
-    assert "audit" in daemon.logs()
+    assert "keyd audit reset" in daemon.logs()
     daemon.stop()
+
+    # An operator who cannot restore it lets keyd start over, deliberately.
+    refused = run_keyd("audit", "reset", "--config", str(daemon.config))
+    assert refused.returncode == 2
+    assert "--yes" in refused.stderr
+    for path in daemon.audit.glob("*.jsonl"):
+        path.unlink()
+    reset = run_keyd("audit", "reset", "--config", str(daemon.config), "--yes")
+    assert reset.returncode == 0, reset.stderr
+    assert "forgot audit checkpoint" in reset.stdout
+    daemon.start()
+    with daemon.client() as client:
+        client.sign(key.key_id, b"x")
+    assert daemon.stop() == 0
+    assert json.loads(verify_cli(daemon.audit).stdout)["ok"]
 
 
 @pytest.fixture
