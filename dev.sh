@@ -16,7 +16,11 @@ PY="$VENV/bin/python"
 
 # pyscard (pulled in by yubikey-manager) has no Linux wheel: it builds with swig, gcc and the
 # PC/SC headers. openssl verifies the demo's signature; systemd gives systemd-analyze to tests.
-DEB_PACKAGES=(python3 python3-venv python3-dev gcc swig libpcsclite-dev openssl systemd softhsm2 opensc notary)
+# pcscd and iproute2 run the emulated-YubiKey rig (tests/piv/rig.py) in private namespaces.
+DEB_PACKAGES=(python3 python3-venv python3-dev gcc swig libpcsclite-dev openssl systemd softhsm2 opensc notary pcscd iproute2)
+# vpcd, the virtual reader driver the rig needs, is unpacked into .cache/vpcd, not installed:
+# the package would also configure the machine's own pcscd to listen on TCP 35963.
+VPCD_DIR=.cache/vpcd
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -56,7 +60,16 @@ python_env() {
     fi
 }
 
-setup() { system_packages; python_env; }
+vpcd_driver() {
+    [ -f "$VPCD_DIR/usr/lib/pcsc/drivers/serial/libifdvpcd.so" ] && return
+    command -v apt-get >/dev/null || { log "no apt-get: the emulated-YubiKey rig tests will skip"; return; }
+    log "unpacking vsmartcard-vpcd into $VPCD_DIR (not installed system-wide)"
+    mkdir -p "$VPCD_DIR"
+    (cd "$VPCD_DIR" && apt-get download -qq vsmartcard-vpcd >/dev/null 2>&1 && dpkg-deb -x vsmartcard-vpcd_*.deb . && rm vsmartcard-vpcd_*.deb) \
+        || log "could not fetch vsmartcard-vpcd: the emulated-YubiKey rig tests will skip"
+}
+
+setup() { system_packages; vpcd_driver; python_env; }
 
 cmd_test() {
     setup
