@@ -31,6 +31,8 @@ log = logging.getLogger("keyd.access")
 
 # Stands for a connection keyd did not relay, in the audit log.
 _UNKNOWN = Caller(uid=-1, gid=-1, pid=0, groups=frozenset(), socket="unrelayed")
+# The result of a change's first record, written before the change (see announce()).
+RESULT_STARTED = "started"
 
 
 class Gate:
@@ -104,6 +106,16 @@ class Request:
         # SignBatch: its items (key ID, payload digest, result) for the audit record.
         self.items: list[tuple[str, str, str]] | None = None
         self._refused: KeydError | None = None
+
+    def announce(self) -> None:
+        """Record, before a change to keys is made, that it is about to be: a change
+        whose outcome record then fails to be written is still in the log. Raises
+        AuditUnavailable (nothing was changed)."""
+        audit = self._gate.audit
+        if audit is not None:
+            operation = self.operation.value if self.operation is not None else ""
+            item = (self.key_id, self.payload_sha256, RESULT_STARTED)
+            audit.append_items(self.caller or _UNKNOWN, self.method, operation, [item])
 
     def refuse(self, error: KeydError) -> None:
         """Fail the request on entry (after auditing the refusal)."""

@@ -85,6 +85,7 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
                     labels=dict(request.labels),
                 )
             )
+            call.announce()
             record = call.manager.create(
                 wire.key_type_from_pb(request.key_type),
                 backend=backend,
@@ -107,6 +108,7 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
                     labels=dict(request.labels),
                 )
             )
+            call.announce()
             record = call.manager.adopt(
                 DeviceKeyRef(id=request.device_key_id, label=request.device_label),
                 backend=request.backend,
@@ -157,6 +159,7 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
                         "destroying a key on its device needs confirm_key_id equal to the "
                         "key ID (`keyd keys delete KEY --destroy-on-device --confirm KEY`)"
                     )
+            call.announce()
             record = call.manager.delete(
                 request.key_id, destroy_on_device=request.destroy_on_device
             )
@@ -167,6 +170,7 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
         with self._gate.begin(context, "RestoreKey", Operation.DELETE) as call:
             call.key_id = request.key_id
             call.authorize(call.manager.get(request.key_id))
+            call.announce()
             return wire.key_to_pb(call.manager.restore(request.key_id))
 
     @_rpc
@@ -176,6 +180,7 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
         with self._gate.begin(context, "PurgeKey", Operation.ADMIN) as call:
             call.key_id = request.key_id
             call.authorize(call.manager.get(request.key_id))
+            call.announce()
             call.manager.purge(request.key_id)
             return pb.PurgeKeyResponse()
 

@@ -413,11 +413,12 @@ class KeyManager:
         self,
         now_ms: int | None = None,
         *,
-        before: Callable[[KeyRecord], None] | None = None,
+        record: Callable[[KeyRecord, str], None] | None = None,
     ) -> list[str]:
         """Purge every key whose deletion window has ended; returns their IDs.
-        `before` runs first for each key (the audit record); if it raises, that key
-        stays pending until the next round."""
+        `record(key, "started")` runs first for each key (the audit record; if it
+        raises, the key stays pending until the next round), then `record(key,
+        outcome)` with "ok" or the error kind."""
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         due = [
             r
@@ -428,17 +429,19 @@ class KeyManager:
         for candidate in due:
             with self._lifecycle:
                 # Again, now: it may have been restored or purged since the list was made.
-                record = self._catalog.find(candidate.key_id)
-                if record is None or record.state is not KeyState.PENDING_DELETION:
+                key = self._catalog.find(candidate.key_id)
+                if key is None or key.state is not KeyState.PENDING_DELETION:
                     continue
                 try:
-                    if before is not None:
-                        before(record)
-                    self._purge(record)
+                    if record is not None:
+                        record(key, "started")
+                    self._purge(key)
                 except KeydError as exc:
-                    log.error("purge failed", extra={"key_id": record.key_id, "error": exc.message})
+                    log.error("purge failed", extra={"key_id": key.key_id, "error": exc.message})
+                    _best_effort(record, key, type(exc).__name__)
                     continue
-            purged.append(record.key_id)
+                _best_effort(record, key, "ok")
+            purged.append(key.key_id)
         return purged
 
     def _purge(self, record: KeyRecord) -> None:
@@ -594,6 +597,18 @@ class KeyManager:
                 count = len(self.select(KeySelector(backend=name)))
             result.append((health, count))
         return result
+
+
+def _best_effort(
+    record: Callable[[KeyRecord, str], None] | None, key: KeyRecord, result: str
+) -> None:
+    """An outcome record after the act: the act stands whether or not it is written."""
+    if record is None:
+        return
+    try:
+        record(key, result)
+    except KeydError as exc:
+        log.error("purge outcome not recorded", extra={"key_id": key.key_id, "error": exc.message})
 
 
 def _best_effort_discard(backend: Backend, record: KeyRecord) -> None:

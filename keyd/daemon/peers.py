@@ -105,6 +105,7 @@ class RelayProcess:
         self._lines = self._control.makefile("rb")
         self._send_lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
+        self._thread: threading.Thread | None = None
         self._stopping = False
 
     @property
@@ -135,17 +136,31 @@ class RelayProcess:
         if ready != relay.READY + b"\n":
             self.stop()
             raise StartupError("keyd's relay process did not start; see the log above")
-        threading.Thread(target=self._serve, name="keyd-relay-control", daemon=True).start()
+        self._thread = threading.Thread(target=self._serve, name="keyd-relay-control", daemon=True)
+        self._thread.start()
 
     def _serve(self) -> None:
         """Register and unregister names as the relay asks; acknowledge each in order."""
+        try:
+            self._serve_lines()
+        finally:
+            # No relay, no identities: forget every name before anything can reuse one.
+            self.peers.clear()
+        if not self._stopping:
+            log.error("keyd's relay process is gone: no caller can be identified; stopping")
+            self._on_exit()
+
+    def _serve_lines(self) -> None:
         while True:
             try:
                 line = self._lines.readline(relay.CONTROL_MAX)
-            except OSError:
-                line = b""
+            except (OSError, ValueError):  # ValueError: closed by stop()
+                return
+            if not line:
+                return
             if not line.endswith(b"\n"):
-                break
+                log.error("relay control line too long or cut short; stopping")
+                return
             kind, body = line[:1], line[1:-1]
             try:
                 if kind == relay.ADD:
@@ -158,12 +173,7 @@ class RelayProcess:
                 self._send(relay.ACK + kind + name.encode("ascii"))
             except Exception:
                 log.exception("bad message from the relay process; stopping")
-                break
-        # No relay, no identities: forget every name before anything can reuse one.
-        self.peers.clear()
-        if not self._stopping:
-            log.error("keyd's relay process is gone: no caller can be identified; stopping")
-            self._on_exit()
+                return
 
     def _add(self, body: bytes) -> str:
         data = json.loads(body)
@@ -203,6 +213,8 @@ class RelayProcess:
         # which it exits.
         with contextlib.suppress(OSError):
             self._control.shutdown(socket.SHUT_RDWR)
+        if self._thread is not None:
+            self._thread.join(5)  # it sees EOF now; then nothing reads _lines any more
         self._lines.close()
         self._control.close()
         if self._proc is not None:

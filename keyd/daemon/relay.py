@@ -132,6 +132,9 @@ class _Connection:
         self.upstream.partner = self.client
         self.name = ""
         self.upstream_sock: socket.socket | None = None
+        # A second descriptor of the upstream socket: asyncio closes its own when the
+        # daemon hangs up, and the name must stay bound until the daemon forgot it.
+        self.name_holder: socket.socket | None = None
         self.connecting = False  # the upstream socket is inside an asyncio connect
         self.released = False
         self.closed = False
@@ -162,6 +165,9 @@ class _Connection:
             self.upstream.transport.abort()
         elif self.upstream_sock is not None:
             self.upstream_sock.close()
+        if self.name_holder is not None:
+            self.name_holder.close()  # the last descriptor: the name is free now
+            self.name_holder = None
 
 
 class Relay:
@@ -274,6 +280,7 @@ class Relay:
             )
             user, groups = self._groups.of(uid, gid)
             name = _bind_random(upstream)
+            connection.name_holder = upstream.dup()
             caller = {
                 "name": name,
                 "uid": uid,
@@ -286,14 +293,22 @@ class Relay:
             }
             # Set first: a close() from now on unregisters the name (after this ADD,
             # since the daemon handles messages in order) before freeing it.
+            body = json.dumps(caller).encode()
+            if len(body) + 2 > CONTROL_MAX:
+                # (thousands of groups): the daemon would not take the line.
+                raise ValueError(f"caller uid {uid} has too many groups to register")
             connection.name = name
-            await self._ask(ADD, name, json.dumps(caller).encode())
+            await self._ask(ADD, name, body)
             if not connection.is_open():
                 return
-            upstream.setblocking(False)
             connection.connecting = True
             try:
-                await self.loop.sock_connect(upstream, self._private)
+                # Blocking, in a thread: a non-blocking Unix connect fails at once with
+                # EAGAIN while the listener's backlog is full (asyncio even takes it for
+                # a connect in progress); a blocking one waits for room.
+                upstream.setblocking(True)
+                await self.loop.run_in_executor(None, upstream.connect, self._private)
+                upstream.setblocking(False)
                 await self.loop.create_unix_connection(lambda: connection.upstream, sock=upstream)
             finally:
                 connection.connecting = False
@@ -336,7 +351,10 @@ def _bind_random(sock: socket.socket) -> str:
 
 def main(argv: list[str]) -> int:
     """argv: CONTROL_FD PRIVATE_NAME FD:SOCKET_NAME..."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
+    # The daemon decides when we stop (its control socket closes): a SIGTERM to the
+    # whole service must not end relaying before the daemon has drained its requests.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise_fd_limit()
     control = socket.socket(fileno=int(argv[0]))
     listeners = []

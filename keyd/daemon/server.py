@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from keyd.audit import RESULT_OK, AuditLog
+from keyd.audit import AuditLog
 from keyd.backends.base import Backend
 from keyd.backends.pkcs11 import Pkcs11Backend
 from keyd.backends.store import StoreBackend
@@ -122,6 +122,7 @@ class Service:
 
     servers: list[tuple[grpc.Server, health.HealthServicer]]
     sockets: list[tuple[Path, int]]  # path and inode, to remove only our own socket
+    pool: futures.ThreadPoolExecutor | None = None
     gate: Gate | None = None
     relay: RelayProcess | None = None
     audit: AuditLog | None = None
@@ -144,6 +145,10 @@ class Service:
         events = [server.stop(grace) for server, _ in self.servers]
         for event in events:
             event.wait()
+        if self.pool is not None:
+            # gRPC stops waiting after the grace period, not its handlers: let them
+            # finish (and write their audit records) before the log closes.
+            self.pool.shutdown(wait=True)
         if self.relay is not None:
             self.relay.stop()
         if self.audit is not None:
@@ -208,7 +213,7 @@ def _start_open(
     sockets: list[tuple[Path, str, str, str]],
 ) -> Service:
     # One gRPC server per socket, each with its fixed view of the keys.
-    service = Service(servers=[], sockets=[])
+    service = Service(servers=[], sockets=[], pool=pool)
     try:
         for path, group, field, name in sockets:
             gid = _socket_gid(group, field)
@@ -260,7 +265,7 @@ def _start_policy(
         expected_head=audit_state.head(),
         on_checkpoint=on_checkpoint,
     )
-    service = Service(servers=[], sockets=[], audit=audit)
+    service = Service(servers=[], sockets=[], pool=pool, audit=audit)
     try:
         listeners = []
         for path, group, field, name in sockets:
@@ -483,16 +488,16 @@ def serve(config: Config) -> int:
 
 def _purge_due(manager: KeyManager, service: Service) -> None:
     audit = service.audit
-    # The daemon's own act, recorded like a request, before it happens.
+    # The daemon's own act, recorded like a request: "started" before it happens.
     me = Caller(
         uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), groups=frozenset(), socket="keyd"
     )
 
-    def record(key: KeyRecord) -> None:
+    def record(key: KeyRecord, result: str) -> None:
         if audit is not None:
-            audit.append_items(me, "PurgeDue", Operation.ADMIN.value, [(key.key_id, "", RESULT_OK)])
+            audit.append_items(me, "PurgeDue", Operation.ADMIN.value, [(key.key_id, "", result)])
 
     try:
-        manager.purge_due(before=record)
+        manager.purge_due(record=record)
     except Exception:  # the loop must go on: SIGTERM still has to drain and checkpoint
         log.exception("purging keys failed; retrying later")

@@ -233,7 +233,18 @@ def test_keys_are_purged_when_their_window_ends(short_tmp: Path) -> None:
         for line in path.read_text().splitlines()
         if '"PurgeDue"' in line
     ]
-    assert [p["key_id"] for p in purges] == [key.key_id]
+    assert [(p["key_id"], p["result"]) for p in purges] == [
+        (key.key_id, "started"),
+        (key.key_id, "ok"),
+    ]
+    # Deleting it was recorded before it happened, too.
+    deletes = [
+        json.loads(line)["result"]
+        for path in d.audit.glob("*.jsonl")
+        for line in path.read_text().splitlines()
+        if '"DeleteKey"' in line
+    ]
+    assert deletes == ["started", "ok"]
 
 
 def test_destroying_a_device_key_needs_admin_and_confirmation(daemon: Daemon) -> None:
