@@ -111,11 +111,7 @@ class Request:
         """Record, before a change to keys is made, that it is about to be: a change
         whose outcome record then fails to be written is still in the log. Raises
         AuditUnavailable (nothing was changed)."""
-        audit = self._gate.audit
-        if audit is not None:
-            operation = self.operation.value if self.operation is not None else ""
-            item = (self.key_id, self.payload_sha256, RESULT_STARTED)
-            audit.append_items(self.caller or _UNKNOWN, self.method, operation, [item])
+        self._append(RESULT_STARTED)
 
     def refuse(self, error: KeydError) -> None:
         """Fail the request on entry (after auditing the refusal)."""
@@ -133,10 +129,20 @@ class Request:
         if checked is not None:
             checked[1].check(checked[0], op or self._operation(), record)
 
-    def authorize_new(self, target: KeyTarget) -> None:
-        """The same, for a key that does not exist yet (create, adopt)."""
+    def authorize_new(
+        self, *, backend: str, role: str, collection: str, labels: Mapping[str, str]
+    ) -> None:
+        """The same, for a key that does not exist yet (create, adopt): judged by the
+        attributes it would get, on the backend the request's name stands for."""
         checked = self._policy()
         if checked is not None:
+            target = KeyTarget(
+                key_id="",
+                role=role,
+                collection=collection,
+                backend=self.manager.backend_name(backend),
+                labels=labels,
+            )
             checked[1].check(checked[0], self._operation(), target)
 
     def authorize_any(self) -> None:
@@ -170,21 +176,28 @@ class Request:
             self._write(exc)
 
     def _write(self, exc: BaseException | None) -> None:
+        try:
+            if self.items and exc is None:  # an empty or failed batch: the record below
+                self._append("", items=self.items)
+            else:
+                self._append(_result(exc))
+        except AuditUnavailable:
+            # No record, no result: whatever the request produced is dropped.
+            log.error("request refused: the audit log cannot be written", exc_info=False)
+            raise
+
+    def _append(self, result: str, *, items: list[tuple[str, str, str]] | None = None) -> None:
+        """This request's record: one with `result`, or a batch record of `items`."""
         audit = self._gate.audit
         if audit is None:
             return
         operation = self.operation.value if self.operation is not None else ""
         caller = self.caller or _UNKNOWN
-        try:
-            if self.items and exc is None:  # an empty or failed batch: the record below
-                audit.append_batch(caller, self.method, operation, self.items)
-            else:
-                item = (self.key_id, self.payload_sha256, _result(exc))
-                audit.append_items(caller, self.method, operation, [item])
-        except AuditUnavailable:
-            # No record, no result: whatever the request produced is dropped.
-            log.error("request refused: the audit log cannot be written", exc_info=False)
-            raise
+        if items is not None:
+            audit.append_batch(caller, self.method, operation, items)
+        else:
+            item = (self.key_id, self.payload_sha256, result)
+            audit.append_items(caller, self.method, operation, [item])
 
 
 def _result(exc: BaseException | None) -> str:

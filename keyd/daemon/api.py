@@ -23,7 +23,6 @@ from keyd.core.model import KeySelector
 from keyd.daemon.access import Gate, Request, item_result
 from keyd.daemon.manager import Signature, SignItem, SignOutcome
 from keyd.errors import FailedPrecondition, InvalidArgument, KeydError
-from keyd.policy import KeyTarget
 from keyd.v1 import keyd_pb2 as pb
 from keyd.v1 import keyd_pb2_grpc as pb_grpc
 
@@ -77,13 +76,10 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
         with self._gate.begin(context, "CreateKey", Operation.CREATE) as call:
             backend = request.backend or "store"
             call.authorize_new(
-                KeyTarget(
-                    key_id="",
-                    role=request.role,
-                    collection=request.collection,
-                    backend=call.manager.backend_name(backend),
-                    labels=dict(request.labels),
-                )
+                backend=backend,
+                role=request.role,
+                collection=request.collection,
+                labels=request.labels,
             )
             call.announce()
             record = call.manager.create(
@@ -100,13 +96,10 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
     def AdoptKey(self, request: pb.AdoptKeyRequest, context: grpc.ServicerContext) -> pb.Key:
         with self._gate.begin(context, "AdoptKey", Operation.CREATE) as call:
             call.authorize_new(
-                KeyTarget(
-                    key_id="",
-                    role=request.role,
-                    collection=request.collection,
-                    backend=call.manager.backend_name(request.backend),
-                    labels=dict(request.labels),
-                )
+                backend=request.backend,
+                role=request.role,
+                collection=request.collection,
+                labels=request.labels,
             )
             call.announce()
             record = call.manager.adopt(

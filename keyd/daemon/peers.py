@@ -66,15 +66,11 @@ class PeerTable:
         """The caller behind gRPC's peer string; None for a connection keyd did not relay."""
         return self._by_peer.get(peer)
 
-    def __len__(self) -> int:
-        return len(self._by_peer)
-
 
 @dataclass(frozen=True)
 class Listener:
     """A public socket and the name its callers are tagged with ("main", "notary")."""
 
-    path: Path
     socket_name: str
     sock: socket.socket
 
@@ -88,7 +84,7 @@ def bind_public_socket(path: Path, socket_name: str) -> Listener:
     except OSError as exc:
         sock.close()
         raise StartupError(f"cannot listen on {path}: {exc.strerror}") from None
-    return Listener(path, socket_name, sock)
+    return Listener(socket_name, sock)
 
 
 class RelayProcess:

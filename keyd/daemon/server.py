@@ -224,7 +224,7 @@ def _start_open(
             _listen(server, f"unix:{path}", str(path))
             server.start()
             service.servers.append((server, health_servicer))
-            service.sockets.append((path, _share_socket(path, gid, group, server)))
+            service.sockets.append((path, _share_socket(path, gid, group)))
     except BaseException:
         service.stop(0)
         raise
@@ -272,7 +272,7 @@ def _start_policy(
             gid = _socket_gid(group, field)
             prepare_socket_path(path)
             listeners.append(bind_public_socket(path, name))
-            service.sockets.append((path, _share_socket(path, gid, group, None)))
+            service.sockets.append((path, _share_socket(path, gid, group)))
         relay = RelayProcess(listeners, on_exit=service.fail)
         service.relay = relay
         gate = Gate(views, peers=relay.peers, policy=policy, audit=audit)
@@ -379,15 +379,13 @@ def _listen(server: grpc.Server, address: str, shown: str) -> None:
         raise StartupError(f"cannot listen on {shown}: {exc}") from None
 
 
-def _share_socket(path: Path, gid: int | None, group: str, server: grpc.Server | None) -> int:
+def _share_socket(path: Path, gid: int | None, group: str) -> int:
     """Open a socket to its group (the umask made it 0600 at bind); returns its inode."""
     os.chmod(path, SOCKET_MODE)
     if gid is not None:
         try:
             os.chown(path, -1, gid)
         except PermissionError:
-            if server is not None:
-                server.stop(0)
             raise StartupError(
                 f"cannot give {path} to group {group!r}: keyd's user "
                 "must be a member of it, and no seccomp filter may forbid chown (under "
