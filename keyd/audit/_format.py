@@ -86,10 +86,14 @@ class AuditEvent:
     time_ms: int = field(default_factory=now_ms)
 
     def __post_init__(self) -> None:
-        # Guards the promise that no payload reaches the log: a payload passed here
-        # by mistake is refused (and not echoed in the message).
-        if self.payload_sha256 and not is_hex_digest(self.payload_sha256):
-            raise ValueError("payload_sha256 must be digest_payload(payload): 64 lowercase hex")
+        check_digest(self.payload_sha256)
+
+
+def check_digest(digest: str) -> None:
+    """Guards the promise that no payload reaches the log: a payload passed where its
+    digest belongs is refused (and not echoed in the message)."""
+    if digest and not is_hex_digest(digest):
+        raise ValueError("payload_sha256 must be digest_payload(payload): 64 lowercase hex")
 
 
 def encode_record(record: dict[str, Any]) -> bytes:
@@ -137,8 +141,7 @@ def encode_events(
     )
     lines = []
     for key_id, digest, result in items:
-        if digest and not is_hex_digest(digest):
-            raise ValueError("payload_sha256 must be digest_payload(payload): 64 lowercase hex")
+        check_digest(digest)
         seq += 1
         line = (
             f'{head}{_esc(key_id)}{middle}"{digest}"{pid}{prev}","result":{_esc(result)},'
@@ -163,8 +166,7 @@ def encode_batch(
     item's key ID, payload digest and result. One record, not one per item, so the
     cost per signature is a list entry, not a record and its hash."""
     for _, digest, _ in items:
-        if digest and not is_hex_digest(digest):
-            raise ValueError("payload_sha256 must be digest_payload(payload): 64 lowercase hex")
+        check_digest(digest)
     return encode_record(
         {
             "type": RecordType.EVENT.value,

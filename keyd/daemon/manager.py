@@ -403,11 +403,12 @@ class KeyManager:
         """Remove a key pending deletion now, without waiting for its window."""
         self.get(key_id)
         with self._lifecycle:
-            if self._catalog.get(key_id).state is not KeyState.PENDING_DELETION:
+            record = self._catalog.get(key_id)  # now, under the lock
+            if record.state is not KeyState.PENDING_DELETION:
                 raise FailedPrecondition(
                     f"key {key_id} is not pending deletion; delete it first (`keyd keys delete`)"
                 )
-            self._purge(self._catalog.get(key_id))
+            self._purge(record)
 
     def purge_due(
         self,

@@ -78,7 +78,7 @@ class Catalog:
 
     def is_active(self, key_id: str) -> bool:
         """Whether the key exists and may sign (cheap: the signing path asks it)."""
-        record = self._records.get(key_id)
+        record = self.find(key_id)
         return record is not None and record.state is KeyState.ACTIVE
 
     def select(self, selector: KeySelector) -> list[KeyRecord]:
