@@ -1,0 +1,1 @@
+"""YubiKey PIV backend (work in progress: the device layer)."""
