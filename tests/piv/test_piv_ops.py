@@ -7,12 +7,14 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from cryptography.hazmat.primitives import hashes
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from ykman.piv import pivman_set_mgm_key
-from yubikit.piv import MANAGEMENT_KEY_TYPE, PIN_POLICY, SLOT, TOUCH_POLICY, PivSession
+from yubikit.piv import MANAGEMENT_KEY_TYPE, PIN_POLICY, SLOT, TOUCH_POLICY, PivSession, PublicKey
 
+from keyd.backends.yubikey import attestation
 from keyd.backends.yubikey.piv import PinLocked, Secrets, authenticate, generate, sign
 from keyd.core.keytypes import KeyType
 from keyd.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
@@ -28,16 +30,26 @@ def session_for(card: EmulatedCard) -> PivSession:
     return PivSession(EmulatedConnection(card))
 
 
-def make(card: EmulatedCard, slot: SLOT, key_type: KeyType, **kwargs: object) -> object:
-    options: dict[str, object] = {
-        "pin_policy": PIN_POLICY.DEFAULT,
-        "touch_policy": TOUCH_POLICY.NEVER,
-        "secrets": SECRETS,
-        "min_attempts": 2,
-        "serial": card.serial,
-    }
-    options.update(kwargs)
-    return generate(session_for(card), slot, key_type, **options)  # type: ignore[arg-type]
+def make(
+    card: EmulatedCard,
+    slot: SLOT,
+    key_type: KeyType,
+    *,
+    pin_policy: PIN_POLICY = PIN_POLICY.DEFAULT,
+    touch_policy: TOUCH_POLICY = TOUCH_POLICY.NEVER,
+    secrets: Secrets = SECRETS,
+    min_attempts: int = 2,
+) -> PublicKey:
+    return generate(
+        session_for(card),
+        slot,
+        key_type,
+        pin_policy=pin_policy,
+        touch_policy=touch_policy,
+        secrets=secrets,
+        min_attempts=min_attempts,
+        serial=card.serial,
+    )
 
 
 @pytest.mark.parametrize("version", [(5, 7, 2), (5, 4, 3)])
@@ -134,3 +146,61 @@ def test_no_touch_is_a_clear_error_not_a_hang() -> None:
             pin=PIN, min_attempts=2, serial=8,
         )  # fmt: skip
     assert card.touch_requests  # the card did ask
+
+
+def _attest(card: EmulatedCard, slot: SLOT) -> tuple[x509.Certificate, x509.Certificate]:
+    session = session_for(card)
+    return session.attest_key(slot), session.get_certificate(SLOT.ATTESTATION)
+
+
+def test_attestation_verifies_against_the_emulator_s_root_only() -> None:
+    card = EmulatedCard(version=(5, 4, 3), serial=9)
+    public = make(card, SLOT.RETIRED8, KeyType.ECDSA_P256, pin_policy=PIN_POLICY.ONCE)
+    statement, device = _attest(card, SLOT.RETIRED8)
+    result = attestation.verify(
+        statement,
+        device,
+        public,
+        roots=[card.attestation_root],
+        serial=9,
+    )
+    assert result.verified, result.detail
+    assert (result.serial, result.firmware) == (9, "5.4.3")
+    assert (result.pin_policy, result.touch_policy) == ("once", "never")
+
+    # Not against a root that did not issue the card's certificate (as Yubico's would not).
+    other = EmulatedCard(serial=10).attestation_root
+    result = attestation.verify(statement, device, public, roots=[other], serial=9)
+    assert not result.verified
+    assert "does not chain" in result.detail
+
+    # Not for another card's serial, nor for another key.
+    assert not attestation.verify(
+        statement,
+        device,
+        public,
+        roots=[card.attestation_root],
+        serial=99,
+    ).verified
+    stranger = ec.generate_private_key(ec.SECP256R1()).public_key()
+    assert not attestation.verify(
+        statement, device, stranger, roots=[card.attestation_root], serial=9
+    ).verified
+
+
+def test_a_tampered_attestation_is_rejected() -> None:
+    card = EmulatedCard(serial=11)
+    public = make(card, SLOT.RETIRED9, KeyType.ECDSA_P256)
+    statement, device = _attest(card, SLOT.RETIRED9)
+    der = bytearray(statement.public_bytes(serialization.Encoding.DER))
+    der[-10] ^= 0x01  # inside the signature
+    tampered = x509.load_der_x509_certificate(bytes(der))
+    result = attestation.verify(
+        tampered,
+        device,
+        public,
+        roots=[card.attestation_root],
+        serial=11,
+    )
+    assert not result.verified
+    assert "not signed by the card" in result.detail
