@@ -103,7 +103,7 @@ class PcscRig:
         )  # fmt: skip
         for index in range(len(self.cards)):
             self.start_card(index)
-        self._wait_for_readers()
+        self.wait_for_readers()
 
     def start_card(self, index: int) -> None:
         """(Re)connect card `index`, as if inserted: its keys come from its state file."""
@@ -130,7 +130,7 @@ class PcscRig:
         """Pull card `index` out: its bridge stops, the reader goes empty."""
         _stop(self.bridges[index])
 
-    def _wait_for_readers(self) -> None:
+    def wait_for_readers(self) -> None:
         """Wait until pcscd lists a card in every reader in use."""
         deadline = time.monotonic() + _START_TIMEOUT
         probe = (

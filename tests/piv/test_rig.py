@@ -67,6 +67,6 @@ def test_a_key_generated_with_ykman_is_seen_after_the_card_is_reinserted(
     assert public.read_text().startswith("-----BEGIN PUBLIC KEY-----")
     rig.remove_card(1)
     rig.start_card(1)
-    rig._wait_for_readers()
+    rig.wait_for_readers()
     info = ykman(rig, 1, "piv", "keys", "info", "9a")
     assert "ECCP256" in info

@@ -1,0 +1,189 @@
+"""What keyd does on a YubiKey's PIV application, one PivSession at a time.
+
+Every function takes a freshly selected session (the device layer reselects after a
+reset) and the secrets it needs; none keeps state. The PIN is never tried when fewer
+than `min_attempts` remain and never retried after a refusal: a blocked PIN needs the
+PUK, and burning it by accident is the worst thing a signing daemon can do.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from ykman.piv import generate_self_signed_certificate, get_pivman_data, get_pivman_protected_data
+from yubikit.core import InvalidPinError, NotSupportedError
+from yubikit.core.smartcard import SW, ApduError
+from yubikit.piv import (
+    KEY_TYPE,
+    PIN_POLICY,
+    SLOT,
+    TOUCH_POLICY,
+    PivSession,
+    PublicKey,
+)
+
+from keyd.core.keytypes import KeyType
+from keyd.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
+
+# keyd's key types and the card's.
+PIV_TYPES: dict[KeyType, KEY_TYPE] = {
+    KeyType.ECDSA_P256: KEY_TYPE.ECCP256,
+    KeyType.ECDSA_P384: KEY_TYPE.ECCP384,
+    KeyType.ED25519: KEY_TYPE.ED25519,
+    KeyType.RSA_3072: KEY_TYPE.RSA3072,
+}
+_HASHES: dict[KeyType, hashes.HashAlgorithm] = {
+    KeyType.ECDSA_P256: hashes.SHA256(),
+    KeyType.ECDSA_P384: hashes.SHA384(),
+    KeyType.RSA_3072: hashes.SHA256(),
+}
+_CERT_DAYS = 3650
+
+
+@dataclass(frozen=True)
+class Secrets:
+    pin: str
+    # None: the management key is PIN-protected on the card (ykman's --protect).
+    management_key: bytes | None = None
+
+
+class PinLocked(FailedPrecondition):
+    """keyd will not try the PIN (refused once, or too few attempts left)."""
+
+
+def verify_pin(session: PivSession, pin: str, *, min_attempts: int, serial: int) -> None:
+    """Verify the PIN, unless that could bring the card close to blocking it."""
+    left = session.get_pin_attempts()
+    if left == 0:
+        raise PinLocked(
+            f"the PIN of YubiKey {serial} is blocked; unblock it with the PUK "
+            "(ykman piv access unblock-pin), then re-arm keyd"
+        )
+    if left < min_attempts:
+        raise PinLocked(
+            f"YubiKey {serial} has only {left} PIN attempts left; keyd will not try "
+            f"(it needs {min_attempts}). Check the PIN, verify it once yourself "
+            "(ykman piv info does not; any successful PIN use resets the counter)"
+        )
+    try:
+        session.verify_pin(pin)
+    except InvalidPinError as exc:
+        raise PinLocked(
+            f"YubiKey {serial} refused keyd's PIN ({exc.attempts_remaining} attempts left); "
+            "keyd will not try it again. Fix the PIN file, then re-arm keyd"
+        ) from None
+
+
+def authenticate(session: PivSession, secrets: Secrets, *, min_attempts: int, serial: int) -> None:
+    """Management-key authentication; its type comes from the card's metadata (3DES or
+    AES). A PIN-protected key is read from the card after the PIN."""
+    key = secrets.management_key
+    if key is None:
+        if not get_pivman_data(session).has_protected_key:
+            raise FailedPrecondition(
+                f"YubiKey {serial}: no management key configured, and the card does not "
+                "keep a PIN-protected one (ykman piv access change-management-key --protect)"
+            )
+        verify_pin(session, secrets.pin, min_attempts=min_attempts, serial=serial)
+        key = get_pivman_protected_data(session).key
+        if key is None:
+            raise FailedPrecondition(f"YubiKey {serial}: the PIN-protected key is missing")
+    try:
+        session.authenticate(key)
+    except ApduError as exc:
+        if exc.sw == SW.SECURITY_CONDITION_NOT_SATISFIED:
+            raise PermissionDenied(
+                f"YubiKey {serial} refused the management key; check the management key file"
+            ) from None
+        raise
+
+
+def generate(
+    session: PivSession,
+    slot: SLOT,
+    key_type: KeyType,
+    *,
+    pin_policy: PIN_POLICY,
+    touch_policy: TOUCH_POLICY,
+    secrets: Secrets,
+    min_attempts: int,
+    serial: int,
+) -> PublicKey:
+    """Make a key in `slot` and store a self-signed certificate beside it, so other
+    tools see it. An occupied slot is refused: keyd never overwrites a key."""
+    piv_type = PIV_TYPES[key_type]
+    try:
+        session.check_key_support(piv_type, pin_policy, touch_policy, generate=True)
+    except NotSupportedError as exc:
+        version = ".".join(map(str, session.version))
+        raise InvalidArgument(f"YubiKey {serial} (firmware {version}): {exc}") from None
+    if _occupied(session, slot):
+        raise FailedPrecondition(
+            f"slot {slot.name} ({slot:02X}) of YubiKey {serial} already holds a key; "
+            "choose another slot or adopt that key"
+        )
+    authenticate(session, secrets, min_attempts=min_attempts, serial=serial)
+    public_key = session.generate_key(slot, piv_type, pin_policy, touch_policy)
+    verify_pin(session, secrets.pin, min_attempts=min_attempts, serial=serial)
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = generate_self_signed_certificate(
+        session,
+        slot,
+        public_key,
+        f"CN=keyd {key_type.value} on YubiKey {serial}",
+        now,
+        now + datetime.timedelta(days=_CERT_DAYS),
+    )
+    session.put_certificate(slot, certificate)
+    return public_key
+
+
+def _occupied(session: PivSession, slot: SLOT) -> bool:
+    try:
+        session.get_slot_metadata(slot)
+    except ApduError as exc:
+        if exc.sw == SW.REFERENCE_DATA_NOT_FOUND:
+            return False
+        raise
+    except NotSupportedError:  # before 5.3: no metadata; a certificate is the only sign
+        try:
+            session.get_certificate(slot)
+        except ApduError:
+            return False
+    return True
+
+
+def sign(
+    session: PivSession,
+    slot: SLOT,
+    key_type: KeyType,
+    payload: bytes,
+    *,
+    prehashed: bool,
+    pin: str | None,
+    min_attempts: int,
+    serial: int,
+) -> bytes:
+    """One signature: ECDSA as DER, Ed25519 over the message. `pin` is given when the
+    slot's PIN policy needs it for this operation (ALWAYS: right before each use)."""
+    if key_type is KeyType.RSA_3072:
+        raise InvalidArgument("RSA-3072 on a YubiKey is not supported by keyd yet")
+    if pin is not None:
+        verify_pin(session, pin, min_attempts=min_attempts, serial=serial)
+    algorithm: hashes.HashAlgorithm | Prehashed | None = None
+    if key_type.is_ecdsa:
+        hash_algorithm = _HASHES[key_type]
+        algorithm = Prehashed(hash_algorithm) if prehashed else hash_algorithm
+    try:
+        return session.sign(slot, PIV_TYPES[key_type], payload, algorithm)  # type: ignore[arg-type]
+    except ApduError as exc:
+        if exc.sw == SW.SECURITY_CONDITION_NOT_SATISFIED:
+            # A touch that did not come, or a PIN the slot wants and did not get.
+            raise Unavailable(
+                f"YubiKey {serial} did not sign: it needs a touch (or its PIN) for slot "
+                f"{slot.name}; touch the YubiKey with serial {serial} when asked and retry"
+            ) from None
+        raise
