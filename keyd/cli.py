@@ -237,6 +237,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             collection=args.collection,
             labels=_labels(args.label),
             backend=args.backend,
+            slot=args.slot,
+            on_touch=_ask_for_touch,
         )
     if args.json:
         _print_json(key_json(record))
@@ -434,6 +436,10 @@ def _read_input(name: str | None, limit: int) -> bytes:
     return data
 
 
+def _ask_for_touch(device: str) -> None:
+    print(f"touch the {device}", file=sys.stderr, flush=True)
+
+
 def cmd_sign(args: argparse.Namespace) -> int:
     digest = None
     message = None
@@ -446,7 +452,11 @@ def cmd_sign(args: argparse.Namespace) -> int:
         message = _read_input(args.input, 64 * 1024 * 1024)
     with _client(args) as client:
         sig = client.sign(
-            args.key_id, message, digest=digest, encoding=SignatureEncoding(args.encoding)
+            args.key_id,
+            message,
+            digest=digest,
+            encoding=SignatureEncoding(args.encoding),
+            on_touch=_ask_for_touch,
         )
     if args.output:
         fd = os.open(args.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -535,6 +545,9 @@ def _add_keys_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--type", required=True, choices=[t.value for t in KeyType])
     _add_filters(p)
     p.add_argument("--backend", default="store", help="where the key lives (default store)")
+    p.add_argument(
+        "--slot", default="", help="YubiKey: the PIV slot, 9c or 82-95 (default: as configured)"
+    )
     _add_client_options(p)
     p.set_defaults(func=cmd_keys_create)
 
@@ -553,8 +566,8 @@ def _add_keys_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p = keys_sub.add_parser(
         "adopt", help="record a key that already exists on a device (made elsewhere)"
     )
-    p.add_argument("--backend", required=True, help="e.g. pkcs11 or pkcs11:NAME")
-    p.add_argument("--id", help="PKCS#11: the key's CKA_ID in hex")
+    p.add_argument("--backend", required=True, help="e.g. pkcs11:NAME or yubikey:NAME")
+    p.add_argument("--id", help="PKCS#11: the key's CKA_ID in hex; YubiKey: its PIV slot (9c)")
     p.add_argument("--device-label", help="PKCS#11: the key's CKA_LABEL")
     _add_filters(p)
     _add_client_options(p)

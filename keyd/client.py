@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keyd import wire
 from keyd.config import DEFAULT_SOCKET
+from keyd.core import notice
 from keyd.core.identity import Caller
 from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.core.model import KeyRecord
@@ -177,9 +178,21 @@ class Client:
     def _translate(self, error: grpc.RpcError) -> KeydError:
         return translate_error(typing.cast(grpc.Call, error), self.socket)
 
-    def _call(self, fn: Callable[..., T], request: object) -> T:
+    def _call(
+        self,
+        fn: Callable[..., T],
+        request: object,
+        on_touch: Callable[[str], None] | None = None,
+    ) -> T:
         try:
-            return fn(request, timeout=self.timeout)
+            if on_touch is None:
+                return fn(request, timeout=self.timeout)
+            # The daemon sends initial metadata early only to ask for a touch.
+            call = fn.future(request, timeout=self.timeout)  # type: ignore[attr-defined]
+            for key, value in call.initial_metadata() or ():
+                if key == notice.TOUCH_KEY:
+                    on_touch(str(value))
+            return call.result()  # type: ignore[no-any-return]
         except grpc.RpcError as error:
             raise self._translate(error) from None
 
@@ -193,6 +206,8 @@ class Client:
         collection: str = "",
         labels: Mapping[str, str] | None = None,
         backend: str = "store",
+        slot: str = "",
+        on_touch: Callable[[str], None] | None = None,
     ) -> KeyRecord:
         request = pb.CreateKeyRequest(
             key_type=wire.key_type_to_pb(key_type),
@@ -200,8 +215,9 @@ class Client:
             role=role,
             collection=collection,
             labels=dict(labels or {}),
+            slot=slot,
         )
-        return wire.key_from_pb(self._call(self._keys.CreateKey, request))
+        return wire.key_from_pb(self._call(self._keys.CreateKey, request, on_touch))
 
     def get_key(self, key_id: str) -> KeyRecord:
         return self.key_details(key_id).record
@@ -274,9 +290,12 @@ class Client:
         *,
         digest: bytes | None = None,
         encoding: SignatureEncoding = SignatureEncoding.NATIVE,
+        on_touch: Callable[[str], None] | None = None,
     ) -> Signature:
+        """`on_touch(device)` is called, before the signature comes, when the key's
+        device waits for a touch (a YubiKey with a touch policy)."""
         request = _request(SignItem(key_id, message, digest, encoding))
-        return _signature(self._call(self._signer.Sign, request))
+        return _signature(self._call(self._signer.Sign, request, on_touch))
 
     def sign_batch(
         self, items: Iterable[SignItem], *, batch_size: int = 256, in_flight: int = 2

@@ -143,6 +143,97 @@ class Pkcs11TokenConfig:
 
 
 @unique
+class PivPinPolicy(Enum):
+    # When the card wants the PIN for a key's use. keyd holds the PIN and verifies
+    # it as the policy requires; ALWAYS also stops other programs between uses.
+    NEVER = "never"
+    ONCE = "once"
+    ALWAYS = "always"
+
+
+@unique
+class PivTouchPolicy(Enum):
+    NEVER = "never"
+    ALWAYS = "always"
+    CACHED = "cached"  # one touch covers 15 seconds of uses
+
+
+# PIV key slots keyd generates in: the four standard ones and the 20 retired ones.
+PIV_SLOTS = frozenset([0x9A, 0x9C, 0x9D, 0x9E, *range(0x82, 0x96)])
+
+
+def parse_piv_slot(text: str) -> int | None:
+    """A slot named in hex ("9c", "82", "0x9c"), or None when it is not a key slot."""
+    try:
+        value = int(text.lower().removeprefix("0x"), 16)
+    except ValueError:
+        return None
+    return value if value in PIV_SLOTS else None
+
+
+@dataclass(frozen=True)
+class YubiKeyConfig:
+    """One `[yubikey.NAME]` table: a YubiKey's PIV application. Its keys live on backend
+    `yubikey:NAME`. The emulated card in tests/piv stands in for it in keyd's tests."""
+
+    serial: int
+    # The PC/SC reader to use. Empty: every reader whose name contains "Yubico" is
+    # opened until the serial matches (which resets other YubiKeys' PIV PIN state).
+    reader: str = ""
+    # The PIN: $CREDENTIALS_DIRECTORY/keyd-yubikey-NAME-pin first, then this file.
+    pin_file: Path | None = None
+    # The management key in hex: credential keyd-yubikey-NAME-management-key first,
+    # then this file. Neither: the card's PIN-protected key (ykman ... --protect).
+    management_key_file: Path | None = None
+    # Where new keys go: the slot for each role (`[yubikey.NAME.slots] root = "9c"`),
+    # else `slot`. A request may name its slot instead.
+    slot: str = "9c"
+    slots: Mapping[str, str] = field(default_factory=dict)
+    pin_policy: PivPinPolicy = PivPinPolicy.ALWAYS
+    touch_policy: PivTouchPolicy = PivTouchPolicy.NEVER
+    # keyd does not try the PIN when fewer attempts than this remain; one refusal
+    # stops keyd trying until the operator re-arms it (SIGHUP, keyd.service reload).
+    min_pin_attempts: int = 2
+    # Attestation trust: PEM files of roots and of intermediates the card does not
+    # carry. Empty roots: Yubico's published PIV attestation roots (bundled).
+    attestation_roots: tuple[Path, ...] = ()
+    attestation_intermediates: tuple[Path, ...] = ()
+    # Refuse (and destroy) a generated key whose attestation does not verify.
+    require_attestation: bool = False
+    # Requests accepted at once; the card does one thing at a time, the rest wait.
+    max_requests: int = 4
+
+    def validate(self, name: str) -> None:
+        section = f"yubikey.{name}"
+        if not _BACKEND_NAME.fullmatch(name):
+            _fail(section, "", "the name must be 1-32 lowercase letters, digits, - or _")
+        check_range(section, "serial", self.serial, 1, 2**32 - 1)
+        for field_name, value in (
+            ("slot", self.slot),
+            *((f"slots.{role}", slot) for role, slot in self.slots.items()),
+        ):
+            if not isinstance(value, str) or parse_piv_slot(value) is None:
+                _fail(
+                    section, field_name, f"{value!r} is not a PIV key slot (9a, 9c, 9d, 9e, 82-95)"
+                )
+        check_range(section, "min_pin_attempts", self.min_pin_attempts, 1, 255)
+        check_range(section, "max_requests", self.max_requests, 1, 1024)
+        for field_name, paths in (
+            ("attestation_roots", self.attestation_roots),
+            ("attestation_intermediates", self.attestation_intermediates),
+        ):
+            for path in paths:
+                if not path.is_file():
+                    _fail(section, field_name, f"{path} does not exist or is not a file")
+
+    def slot_for(self, role: str) -> str:
+        return self.slots.get(role, self.slot)
+
+    def credential(self, name: str, what: str) -> str:
+        return f"keyd-yubikey-{name}-{what}"
+
+
+@unique
 class AccessMode(Enum):
     # Every request is attributed to the calling process (SO_PEERCRED), checked
     # against the policy, and audited.
@@ -199,6 +290,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     keys: KeysConfig = field(default_factory=KeysConfig)
     pkcs11: Mapping[str, Pkcs11TokenConfig] = field(default_factory=dict)
+    yubikey: Mapping[str, YubiKeyConfig] = field(default_factory=dict)
 
     @property
     def audit_directory(self) -> Path:
@@ -222,8 +314,8 @@ class Config:
             if not isinstance(value, dict):
                 raise FieldError(f"[{name}]: must be a table")
             section_type = typing.get_type_hints(cls)[name]
-            if name == "pkcs11":  # a table of named tables, one per token
-                sections[name] = _build_named_sections(name, Pkcs11TokenConfig, value, base)
+            if name in _NAMED:  # a table of named tables, one per device
+                sections[name] = _build_named_sections(name, _NAMED[name], value, base)
             else:
                 sections[name] = build_section(name, section_type, value, base)
         config = cls(**sections)
@@ -233,7 +325,12 @@ class Config:
         config.keys.validate()
         for token_name, token in config.pkcs11.items():
             token.validate(token_name)
+        for key_name, yubikey in config.yubikey.items():
+            yubikey.validate(key_name)
         return config
+
+
+_NAMED: dict[str, type[Any]] = {"pkcs11": Pkcs11TokenConfig, "yubikey": YubiKeyConfig}
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -290,11 +387,25 @@ def build_section(section: str, cls: type[Any], values: dict[str, Any], base: Pa
     return cls(**kwargs)
 
 
+def _convert_collection(section: str, name: str, hint: Any, raw: Any, base: Path) -> Any:
+    if typing.get_origin(hint) is tuple:  # tuple[X, ...]: a TOML array
+        if not isinstance(raw, list):
+            _fail(section, name, "must be an array")
+        item_type = typing.get_args(hint)[0]
+        return tuple(_convert(section, name, item_type, item, base) for item in raw)
+    # Mapping[str, str]: a TOML table of strings
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        _fail(section, name, "must be a table of strings")
+    return MappingProxyType(dict(raw))
+
+
 def _convert(section: str, name: str, hint: Any, raw: Any, base: Path) -> Any:
     args = typing.get_args(hint)
     if isinstance(hint, types.UnionType) and type(None) in args:
         (inner,) = (a for a in args if a is not type(None))
         return _convert(section, name, inner, raw, base)
+    if typing.get_origin(hint) in (tuple, Mapping):
+        return _convert_collection(section, name, hint, raw, base)
     if hint is Path:
         if not isinstance(raw, str) or not raw:
             _fail(section, name, "must be a non-empty path string")

@@ -50,3 +50,24 @@ def read_private_file(path: Path, what: str, max_bytes: int) -> bytes:
             return f.read(max_bytes)
     except OSError as exc:
         raise SecretError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def find_secret(credential: str, path: Path | None) -> Path | None:
+    """Where a device secret is: systemd's credential `credential` first (LoadCredential=),
+    then the configured file; None when neither is there."""
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and (Path(cred_dir) / credential).exists():
+        return Path(cred_dir) / credential
+    return path
+
+
+def read_pin(path: Path, what: str, max_bytes: int) -> str:
+    """A PIN from a checked secret file: UTF-8 text of 1 to max_bytes bytes; a final
+    newline is not part of it."""
+    pin = read_private_file(path, what, max_bytes + 2).removesuffix(b"\n")
+    if not pin or len(pin) > max_bytes or b"\0" in pin:
+        raise SecretError(f"{path}: the PIN must be 1 to {max_bytes} bytes without NUL")
+    try:
+        return pin.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SecretError(f"{path}: the PIN is not UTF-8 text") from None

@@ -54,9 +54,13 @@ class Backend(abc.ABC):
     # At most this many sign calls in flight on this backend; more are refused so
     # that a slow device cannot take every worker thread from the other backends.
     max_in_flight: int | None = 8
+    # The backend keeps keys in slots a request may choose (a YubiKey's PIV slots).
+    slotted: bool = False
 
     @abc.abstractmethod
-    def generate(self, key_type: KeyType) -> GeneratedKey: ...
+    def generate(self, key_type: KeyType, *, role: str = "", slot: str = "") -> GeneratedKey:
+        """Make a key. `slot` (only where `slotted`) names the place on the device;
+        `role` lets a backend choose one by role."""
 
     @abc.abstractmethod
     def sign(self, record: KeyRecord, payloads: Sequence[bytes], *, prehashed: bool) -> list[bytes]:
@@ -87,6 +91,10 @@ class Backend(abc.ABC):
     def describe(self, record: KeyRecord) -> Mapping[str, str]:
         """Facts read from the device now (for example: is the key extractable)."""
         return {}
+
+    def reload(self) -> None:  # noqa: B027 - optional hook
+        """SIGHUP: re-read secrets from their files and lift refusals an operator
+        must clear (a YubiKey whose PIN keyd stopped trying)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release devices and sessions at shutdown."""

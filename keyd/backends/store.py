@@ -85,7 +85,7 @@ class StoreBackend(Backend):
         self._cache: dict[str, PrivateKey] = {}
         self._load_lock = threading.Lock()
 
-    def generate(self, key_type: KeyType) -> GeneratedKey:
+    def generate(self, key_type: KeyType, *, role: str = "", slot: str = "") -> GeneratedKey:
         key = new_private_key(key_type)
         pkcs8 = key.private_bytes(
             serialization.Encoding.DER,

@@ -18,6 +18,7 @@ import grpc
 from keyd import __version__, wire
 from keyd.audit import digest_payload
 from keyd.backends.base import DeviceKeyRef
+from keyd.core import notice
 from keyd.core.identity import Operation
 from keyd.core.model import KeySelector
 from keyd.daemon.access import Gate, Request, item_result
@@ -50,13 +51,30 @@ def _rpc(
     @functools.wraps(method)
     def handler(self: Any, request: Req, context: grpc.ServicerContext) -> Resp:
         try:
-            return method(self, request, context)
+            with notice.listening(_TouchNotice(context)):
+                return method(self, request, context)
         except KeydError as exc:
             _abort(context, exc)
         except Exception:  # noqa: BLE001 - last resort: log it, tell the caller INTERNAL
             _internal(context, method.__name__)
 
     return handler
+
+
+class _TouchNotice:
+    """Sends "touch needed" to the caller as initial metadata, at most once per call
+    (gRPC sends initial metadata once)."""
+
+    __slots__ = ("_context", "_sent")
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self._context = context
+        self._sent = False
+
+    def __call__(self, device: str) -> None:
+        if not self._sent:
+            self._sent = True
+            self._context.send_initial_metadata(((notice.TOUCH_KEY, device),))
 
 
 def _fill_signature(message: pb.SignResponse, sig: Signature) -> None:
@@ -88,6 +106,7 @@ class KeyServicer(pb_grpc.KeyServiceServicer):
                 role=request.role,
                 collection=request.collection,
                 labels=dict(request.labels),
+                slot=request.slot,
             )
             call.key_id = record.key_id
             return wire.key_to_pb(record)

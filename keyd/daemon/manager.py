@@ -271,6 +271,7 @@ class KeyManager:
         role: str = "",
         collection: str = "",
         labels: Mapping[str, str] | None = None,
+        slot: str = "",
     ) -> KeyRecord:
         check_role(role)
         check_collection(collection)
@@ -279,8 +280,10 @@ class KeyManager:
             # Before resolving the name: an unknown-backend error lists every backend.
             self._scope.check_create(backend, role, collection)
         chosen = self._backend(backend)
+        if slot and not chosen.slotted:
+            raise InvalidArgument(f"backend {chosen.name!r} has no slots to choose; leave slot out")
         with self._limited(chosen):
-            generated = chosen.generate(key_type)
+            generated = chosen.generate(key_type, role=role, slot=slot)
         record = self._record(chosen, generated, role, collection, checked_labels)
         log.info(
             "key created",
@@ -562,6 +565,13 @@ class KeyManager:
                 log.error("warm-up failed", extra={"backend": name, "error": exc.message})
             except Exception:
                 log.exception("warm-up failed", extra={"backend": name})
+
+    def reload_backends(self) -> None:
+        for name, backend in self._backends.items():
+            try:
+                backend.reload()
+            except KeydError as exc:
+                log.error("reload failed", extra={"backend": name, "error": exc.message})
 
     def blocking_threads(self) -> int:
         """Threads that backends may hold while they wait on a device: the server

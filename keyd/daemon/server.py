@@ -35,6 +35,7 @@ from grpc_reflection.v1alpha import reflection
 from keyd.audit import AuditLog
 from keyd.backends.base import Backend
 from keyd.backends.pkcs11 import Pkcs11Backend
+from keyd.backends.yubikey.backend import YubiKeyBackend
 from keyd.backends.store import StoreBackend
 from keyd.config import AccessMode, Config
 from keyd.core.identity import Caller, Operation
@@ -406,6 +407,9 @@ def open_manager(
         for token_name, token_config in config.pkcs11.items():
             backend = Pkcs11Backend(token_name, token_config)
             backends[backend.name] = backend
+        for key_name, key_config in config.yubikey.items():
+            yubikey = YubiKeyBackend(key_name, key_config)
+            backends[yubikey.name] = yubikey
     except BaseException:
         db.close()
         raise
@@ -468,6 +472,7 @@ def serve(config: Config) -> int:
         if reload.is_set():
             reload.clear()
             service.reload_policy(config)
+            manager.reload_backends()
         if time.monotonic() >= next_purge:
             next_purge = time.monotonic() + purge_every
             _purge_due(manager, service)

@@ -278,11 +278,16 @@ class CreateKeyRequest(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     COLLECTION_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    SLOT_FIELD_NUMBER: _builtins.int
     key_type: Global___KeyType.ValueType
     backend: _builtins.str
     """empty: "store" """
     role: _builtins.str
     collection: _builtins.str
+    slot: _builtins.str
+    """Where on the device, for backends with slots: a YubiKey PIV slot in hex
+    ("9c", "82"). Empty: the backend's configured slot for the role.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -293,10 +298,11 @@ class CreateKeyRequest(_message.Message):
         role: _builtins.str = ...,
         collection: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        slot: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "collection", b"collection", "key_type", b"key_type", "labels", b"labels", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "collection", b"collection", "key_type", b"key_type", "labels", b"labels", "role", b"role", "slot", b"slot"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -339,7 +345,7 @@ class AdoptKeyRequest(_message.Message):
     backend: _builtins.str
     """e.g. "pkcs11" or "pkcs11:hsm" """
     device_key_id: _builtins.str
-    """PKCS#11: CKA_ID in hex"""
+    """PKCS#11: CKA_ID in hex; YubiKey: the PIV slot ("9c")"""
     device_label: _builtins.str
     """PKCS#11: CKA_LABEL"""
     role: _builtins.str

@@ -8,11 +8,9 @@ every signature is verified by the daemon before it is returned.
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import typing
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import pkcs11
 from pkcs11 import Attribute, ObjectClass
@@ -33,7 +31,7 @@ from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.core.model import KeyRecord
 from keyd.core.signing import SignInput
 from keyd.errors import FailedPrecondition, Internal, InvalidArgument, KeydError, SecretError
-from keyd.secretfile import read_private_file
+from keyd.secretfile import find_secret, read_pin
 
 log = logging.getLogger("keyd.pkcs11")
 
@@ -56,25 +54,13 @@ def backend_name(token_name: str) -> str:
 
 def load_pin(token_name: str, config: Pkcs11TokenConfig) -> str:
     """The token's user PIN: a systemd credential first, then the configured file."""
-    path: Path | None = None
-    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
-    if cred_dir and (Path(cred_dir) / config.pin_credential(token_name)).exists():
-        path = Path(cred_dir) / config.pin_credential(token_name)
-    elif config.pin_file is not None:
-        path = config.pin_file
+    path = find_secret(config.pin_credential(token_name), config.pin_file)
     if path is None:
         raise SecretError(
             f"no PIN for PKCS#11 token {token_name!r}: set [pkcs11.{token_name}] pin_file, "
             f"or run under systemd with LoadCredential={config.pin_credential(token_name)}:FILE"
         )
-    text = read_private_file(path, f"PIN file of token {token_name!r}", MAX_PIN_BYTES + 2)
-    pin = text.removesuffix(b"\n")
-    if not pin or len(pin) > MAX_PIN_BYTES or b"\0" in pin:
-        raise SecretError(f"{path}: the PIN must be 1 to {MAX_PIN_BYTES} bytes without NUL")
-    try:
-        return pin.decode("utf-8")
-    except UnicodeDecodeError:
-        raise SecretError(f"{path}: the PIN is not UTF-8 text") from None
+    return read_pin(path, f"PIN file of token {token_name!r}", MAX_PIN_BYTES)
 
 
 def _device_error(token: Token, action: str, exc: p11_errors.PKCS11Error) -> KeydError:
@@ -107,7 +93,7 @@ class Pkcs11Backend(Backend):
             "cka_label": cka_label,
         }
 
-    def generate(self, key_type: KeyType) -> GeneratedKey:
+    def generate(self, key_type: KeyType, *, role: str = "", slot: str = "") -> GeneratedKey:
         arguments = generation_arguments(key_type)
 
         def create(ws: WorkerSession) -> tuple[PublicKey, bytes, str]:

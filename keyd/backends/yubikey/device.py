@@ -74,12 +74,22 @@ class YubiKeyDevice:
         self.reader = reader
         self._lock = threading.Lock()
         self._opened: Opened | None = None
+        # Counts openings: a PIN verified under an older epoch is no longer verified.
+        self.epoch = 0
 
-    def run(self, operation: Callable[[PivSession], T]) -> T:
+    @property
+    def reader_name(self) -> str:
+        """The reader the card was last found in ("" before it was)."""
+        return self._opened.reader if self._opened else ""
+
+    def run(self, operation: Callable[[PivSession], T], *, wait: float | None = None) -> T:
         """Run `operation` on the card with the lock held. If the card went away or was
         reset (the connection fails), it is found again once and `operation` retried;
-        the operation must therefore start from scratch (select, PIN) each time."""
-        with self._lock:
+        the operation must therefore start from scratch (select, PIN) each time.
+        With `wait`, give up (Unavailable) when the card stays busy that long."""
+        if not self._lock.acquire(timeout=-1 if wait is None else wait):
+            raise Unavailable(f"YubiKey with serial {self.serial} is busy (waiting for a touch?)")
+        try:
             for attempt in (1, 2):
                 opened = self._opened or self._open()
                 try:
@@ -91,6 +101,8 @@ class YubiKeyDevice:
                             f"YubiKey with serial {self.serial} was removed or reset; "
                             "insert it and retry"
                         ) from None
+        finally:
+            self._lock.release()
         raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
@@ -120,6 +132,7 @@ class YubiKeyDevice:
                 connection.close()
                 continue
             if serial == self.serial:
+                self.epoch += 1
                 self._opened = Opened(str(reader), connection, session)
                 return self._opened
             connection.close()

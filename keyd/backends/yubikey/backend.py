@@ -1,0 +1,505 @@
+"""Backend `yubikey:NAME`: keys generated on, or adopted from, a YubiKey's PIV slots.
+
+One card per backend, chosen by serial (device.py). The catalog records where each
+key lives (serial, slot), the slot's PIN and touch policies, and what the card's
+attestation proved (attestation.py). The PIN is verified as the slot's policy asks:
+before every signature (ALWAYS) or once per opening of the card (ONCE). A refused PIN
+disarms the backend until the operator re-arms it (reload(): SIGHUP), so keyd can
+never use up the PIN's attempts by itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from yubikit.core import NotSupportedError
+from yubikit.core.smartcard import SW, ApduError
+from yubikit.piv import KEY_TYPE, PIN_POLICY, SLOT, TOUCH_POLICY, PivSession
+
+from keyd.backends.base import Backend, BackendHealth, DeviceKeyRef, GeneratedKey
+from keyd.backends.yubikey import attestation, piv
+from keyd.backends.yubikey.device import YubiKeyDevice
+from keyd.config import PivPinPolicy, PivTouchPolicy, YubiKeyConfig, parse_piv_slot
+from keyd.core import notice
+from keyd.core.keys import PublicKey
+from keyd.core.keytypes import KeyType, SignatureEncoding
+from keyd.core.model import KeyRecord
+from keyd.core.signing import SignInput
+from keyd.errors import (
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    KeydError,
+    SecretError,
+    Unavailable,
+)
+from keyd.secretfile import find_secret, read_pin, read_private_file
+
+log = logging.getLogger("keyd.yubikey")
+
+FAMILY = "yubikey"
+_MAX_PIN_BYTES = 8  # PIV: 6 to 8 characters
+_MGMT_KEY_LENGTHS = (16, 24, 32)  # AES-128, 3DES or AES-192, AES-256
+_HEALTH_WAIT = 0.5  # seconds: health reports "busy" rather than wait behind a touch
+_KEY_TYPES = {piv_type: key_type for key_type, piv_type in piv.PIV_TYPES.items()}
+_PIN_POLICIES = {
+    PivPinPolicy.NEVER: PIN_POLICY.NEVER,
+    PivPinPolicy.ONCE: PIN_POLICY.ONCE,
+    PivPinPolicy.ALWAYS: PIN_POLICY.ALWAYS,
+}
+_TOUCH_POLICIES = {
+    PivTouchPolicy.NEVER: TOUCH_POLICY.NEVER,
+    PivTouchPolicy.ALWAYS: TOUCH_POLICY.ALWAYS,
+    PivTouchPolicy.CACHED: TOUCH_POLICY.CACHED,
+}
+# The card's defaults when a slot says DEFAULT (Yubico: 9C always asks for the PIN).
+_DEFAULT_PIN = {SLOT.SIGNATURE: "always"}
+
+
+def backend_name(name: str) -> str:
+    return f"{FAMILY}:{name}"
+
+
+def load_secrets(name: str, config: YubiKeyConfig) -> piv.Secrets:
+    """The PIN and the management key (None: PIN-protected on the card)."""
+    pin_path = find_secret(config.credential(name, "pin"), config.pin_file)
+    if pin_path is None:
+        raise SecretError(
+            f"no PIN for YubiKey {name!r}: set [yubikey.{name}] pin_file, or run under "
+            f"systemd with LoadCredential={config.credential(name, 'pin')}:FILE"
+        )
+    pin = read_pin(pin_path, f"PIN file of YubiKey {name!r}", _MAX_PIN_BYTES)
+    key_path = find_secret(config.credential(name, "management-key"), config.management_key_file)
+    if key_path is None:
+        return piv.Secrets(pin=pin)
+    what = f"management key file of YubiKey {name!r}"
+    text = read_private_file(key_path, what, 2 * max(_MGMT_KEY_LENGTHS) + 2).strip()
+    try:
+        key = bytes.fromhex(text.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        raise SecretError(f"{key_path}: the management key must be hex") from None
+    if len(key) not in _MGMT_KEY_LENGTHS:
+        raise SecretError(f"{key_path}: the management key must be 16, 24 or 32 bytes")
+    return piv.Secrets(pin=pin, management_key=key)
+
+
+def load_trust(config: YubiKeyConfig) -> tuple[list[x509.Certificate], list[x509.Certificate]]:
+    """Attestation roots and intermediates: configured, or Yubico's bundled ones."""
+    if config.attestation_roots:
+        roots = [c for path in config.attestation_roots for c in _read_pems(path)]
+        intermediates = [c for path in config.attestation_intermediates for c in _read_pems(path)]
+        return roots, intermediates
+    bundled = resources.files("keyd.backends.yubikey") / "roots"
+    roots, intermediates = [], []
+    for entry in sorted(bundled.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".pem"):
+            for cert in x509.load_pem_x509_certificates(entry.read_bytes()):
+                (roots if cert.subject == cert.issuer else intermediates).append(cert)
+    return roots, [
+        *intermediates,
+        *(c for path in config.attestation_intermediates for c in _read_pems(path)),
+    ]
+
+
+def _read_pems(path: Path) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not a readable PEM certificate file ({exc})") from None
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where a catalog key lives, and how the card guards it."""
+
+    slot: SLOT
+    pin_policy: str  # never, once, always
+    touch_policy: str  # never, always, cached
+
+    @classmethod
+    def of(cls, record: KeyRecord) -> _Slot:
+        location = record.location
+        return cls(
+            SLOT(int(location["slot"], 16)),
+            location.get("pin_policy", "always"),
+            location.get("touch_policy", "never"),
+        )
+
+
+class YubiKeyBackend(Backend):
+    always_verify = True
+    slotted = True
+
+    def __init__(self, name: str, config: YubiKeyConfig) -> None:
+        self.name = backend_name(name)
+        self.max_in_flight = config.max_requests
+        self._key_name = name
+        self._config = config
+        self._serial = config.serial
+        # Read now, so that a missing or unsafe secret file stops the start.
+        self._secrets = load_secrets(name, config)
+        self._roots, self._intermediates = load_trust(config)
+        self._device = YubiKeyDevice(config.serial, config.reader)
+        self._state_lock = threading.Lock()
+        self._disarmed = ""  # why keyd stopped using the PIN; "" while armed
+        self._pin_epoch = -1  # the device epoch in which the PIN was last verified
+
+    @property
+    def _who(self) -> str:
+        return f"YubiKey with serial {self._serial}"
+
+    # -- PIN -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _pin_use(self) -> Iterator[None]:
+        """Around anything that may verify the PIN: refuse while disarmed; disarm when
+        the card refuses the PIN or has too few attempts left."""
+        with self._state_lock:
+            if self._disarmed:
+                raise piv.PinLocked(self._disarmed)
+        try:
+            yield
+        except piv.PinLocked as exc:
+            with self._state_lock:
+                self._disarmed = (
+                    f"{exc.message}. keyd stopped using this PIN; re-arm with "
+                    "`systemctl reload keyd` (SIGHUP)"
+                )
+                message = self._disarmed
+            log.error(
+                "YubiKey PIN refused or nearly blocked; backend disarmed",
+                extra={"backend": self.name, "serial": self._serial},
+            )
+            raise piv.PinLocked(message) from None
+
+    def _verify_pin(self, session: PivSession) -> None:
+        with self._pin_use():
+            piv.verify_pin(
+                session,
+                self._secrets.pin,
+                min_attempts=self._config.min_pin_attempts,
+                serial=self._serial,
+            )
+        self._pin_epoch = self._device.epoch
+
+    def _pin_for(self, session: PivSession, where: _Slot) -> None:
+        """Verify the PIN if the slot needs it now: ONCE after each (re)opening."""
+        if where.pin_policy == "once" and self._pin_epoch != self._device.epoch:
+            self._verify_pin(session)
+
+    def reload(self) -> None:
+        """Re-read the PIN and management key, and re-arm."""
+        fresh = load_secrets(self._key_name, self._config)
+        with self._state_lock:
+            self._secrets = fresh
+            was = self._disarmed
+            self._disarmed = ""
+        self._pin_epoch = -1
+        if was:
+            log.info("YubiKey PIN re-armed", extra={"backend": self.name})
+
+    # -- keys ------------------------------------------------------------------------
+
+    def _slot_named(self, text: str) -> SLOT:
+        value = parse_piv_slot(text)
+        if value is None:
+            raise InvalidArgument(
+                f"{text!r} is not a PIV key slot; use 9a, 9c, 9d, 9e or a retired slot 82-95"
+            )
+        return SLOT(value)
+
+    def generate(self, key_type: KeyType, *, role: str = "", slot: str = "") -> GeneratedKey:
+        where = self._slot_named(slot or self._config.slot_for(role))
+        pin_policy = _PIN_POLICIES[self._config.pin_policy]
+        touch_policy = _TOUCH_POLICIES[self._config.touch_policy]
+        if touch_policy is not TOUCH_POLICY.NEVER:
+            notice.touch_needed(self._who)  # the self-signed certificate needs one
+
+        def create(session: PivSession) -> tuple[GeneratedKey, attestation.Attestation]:
+            with self._pin_use():
+                public = piv.generate(
+                    session,
+                    where,
+                    key_type,
+                    pin_policy=pin_policy,
+                    touch_policy=touch_policy,
+                    secrets=self._secrets,
+                    min_attempts=self._config.min_pin_attempts,
+                    serial=self._serial,
+                )
+            self._pin_epoch = self._device.epoch
+            facts = self._attest(session, where, public)
+            location = self._location(
+                where,
+                pin=self._config.pin_policy.value,
+                touch=self._config.touch_policy.value,
+                origin="generated",
+                facts=facts,
+            )
+            return GeneratedKey(PublicKey.from_crypto(public), location=location), facts
+
+        try:
+            generated, facts = self._device.run(create)
+        except ApduError as exc:
+            raise FailedPrecondition(
+                f"{self._who} refused to make a key in slot {where:02x} (status {exc.sw:04x})"
+            ) from None
+        log.info(
+            "key generated on YubiKey",
+            extra={
+                "backend": self.name,
+                "slot": f"{where:02x}",
+                "attestation": facts.detail,
+            },
+        )
+        if self._config.require_attestation and not facts.verified:
+            self._wipe(where)
+            raise FailedPrecondition(
+                f"the key made in slot {where:02x} of {self._who} failed attestation "
+                f"({facts.detail}); it was destroyed. Check attestation_roots, or the device"
+            )
+        return generated
+
+    def _attest(
+        self, session: PivSession, where: SLOT, public: PublicKeyTypes
+    ) -> attestation.Attestation:
+        try:
+            statement = session.attest_key(where)
+            device = session.get_certificate(SLOT.ATTESTATION)
+        except (ApduError, NotSupportedError) as exc:
+            why = f"status {exc.sw:04x}" if isinstance(exc, ApduError) else str(exc)
+            return attestation.Attestation(
+                False, f"the card did not attest this key ({why}); imported keys cannot be"
+            )
+        return attestation.verify(
+            statement,
+            device,
+            public,
+            roots=self._roots,
+            intermediates=self._intermediates,
+            serial=self._serial,
+        )
+
+    def _location(
+        self,
+        where: SLOT,
+        *,
+        pin: str,
+        touch: str,
+        origin: str,
+        facts: attestation.Attestation,
+    ) -> dict[str, str]:
+        return {
+            "serial": str(self._serial),
+            "slot": f"{where:02x}",
+            "pin_policy": pin,
+            "touch_policy": touch,
+            "origin": origin,
+            **facts.as_location(),
+        }
+
+    def adopt(self, ref: DeviceKeyRef) -> GeneratedKey:
+        """Record the key already in a slot (`ref.id`, such as "9c"): its public key comes
+        from the slot's metadata (firmware 5.3+) or certificate, and is proven with a
+        signature before keyd believes it."""
+        if ref.label or not ref.id:
+            raise InvalidArgument("name the YubiKey key to adopt by its PIV slot (--id 9c)")
+        where = self._slot_named(ref.id)
+
+        def read(session: PivSession) -> tuple[GeneratedKey, bool]:
+            pin, touch, origin, public = self._slot_facts(session, where)
+            key_type = _KEY_TYPES.get(KEY_TYPE.from_public_key(public))
+            if key_type is None:
+                raise FailedPrecondition(
+                    f"slot {where:02x} of {self._who} holds a key type keyd does not use"
+                )
+            location_slot = _Slot(where, pin, touch)
+            if touch != "never":
+                notice.touch_needed(self._who)
+            challenge = SignInput.of_message(secrets.token_bytes(32))
+            if pin != "never":
+                self._verify_pin(session)
+            signature = piv.sign(
+                session,
+                where,
+                key_type,
+                challenge.payload,
+                prehashed=False,
+                pin=None,
+                min_attempts=self._config.min_pin_attempts,
+                serial=self._serial,
+            )
+            key = PublicKey.from_crypto(public)
+            proven = key.verify(signature, challenge, SignatureEncoding.DER)
+            facts = (
+                self._attest(session, where, public)
+                if origin != "imported"
+                else attestation.Attestation(False, "imported into the card: not attestable")
+            )
+            location = self._location(
+                location_slot.slot, pin=pin, touch=touch, origin=origin, facts=facts
+            )
+            return GeneratedKey(key, location=location), proven
+
+        generated, proven = self._device.run(read)
+        if not proven:
+            raise FailedPrecondition(
+                f"the certificate in slot {where:02x} of {self._who} does not belong to the "
+                "slot's key; keyd does not adopt it"
+            )
+        return generated
+
+    def _slot_facts(self, session: PivSession, where: SLOT) -> tuple[str, str, str, PublicKeyTypes]:
+        """PIN policy, touch policy, origin and public key of an occupied slot."""
+        try:
+            meta = session.get_slot_metadata(where)
+        except ApduError as exc:
+            if exc.sw == SW.REFERENCE_DATA_NOT_FOUND:
+                raise InvalidArgument(f"slot {where:02x} of {self._who} is empty") from None
+            raise
+        except NotSupportedError:  # before 5.3: only the certificate tells
+            try:
+                certificate = session.get_certificate(where)
+            except ApduError:
+                raise InvalidArgument(
+                    f"slot {where:02x} of {self._who} has no certificate, and this firmware "
+                    "cannot report its public key otherwise"
+                ) from None
+            pin = _DEFAULT_PIN.get(where, "once")
+            return pin, "never", "unknown", certificate.public_key()
+        pin = meta.pin_policy.name.lower()
+        touch = meta.touch_policy.name.lower()
+        if pin == "default":
+            pin = _DEFAULT_PIN.get(where, "once")
+        if touch == "default":
+            touch = "never"
+        return pin, touch, "generated" if meta.generated else "imported", meta.public_key
+
+    def _where(self, record: KeyRecord) -> _Slot:
+        serial = record.location.get("serial", "")
+        if serial != str(self._serial):
+            raise FailedPrecondition(
+                f"key {record.key_id} is on YubiKey {serial or '?'}, but backend "
+                f"{self.name!r} is YubiKey {self._serial}"
+            )
+        return _Slot.of(record)
+
+    def sign(self, record: KeyRecord, payloads: Sequence[bytes], *, prehashed: bool) -> list[bytes]:
+        where = self._where(record)
+        always = where.pin_policy == "always"
+        if where.touch_policy != "never":
+            notice.touch_needed(self._who)
+
+        def sign(session: PivSession) -> list[bytes]:
+            self._pin_for(session, where)
+            signatures = []
+            for payload in payloads:
+                if always:
+                    self._verify_pin(session)
+                signatures.append(
+                    piv.sign(
+                        session,
+                        where.slot,
+                        record.key_type,
+                        payload,
+                        prehashed=prehashed,
+                        pin=None,
+                        min_attempts=self._config.min_pin_attempts,
+                        serial=self._serial,
+                    )
+                )
+            return signatures
+
+        return self._device.run(sign)
+
+    def describe(self, record: KeyRecord) -> Mapping[str, str]:
+        """What the card says now: is the key still there, PIN attempts left."""
+        try:
+            where = self._where(record)
+
+            def read(session: PivSession) -> dict[str, str]:
+                facts = {"pin_attempts_left": str(session.get_pin_attempts())}
+                try:
+                    meta = session.get_slot_metadata(where.slot)
+                except NotSupportedError:
+                    return facts
+                except ApduError:
+                    return {**facts, "device_status": "the slot is empty"}
+                same = PublicKey.from_crypto(meta.public_key) == record.public_key
+                facts["device_status"] = "present" if same else "the slot holds another key"
+                return facts
+
+            return self._device.run(read, wait=_HEALTH_WAIT)
+        except KeydError as exc:
+            return {"device_status": exc.message}
+
+    def delete(self, record: KeyRecord) -> None:
+        # Forgotten, not destroyed: a root key destroyed by mistake cannot come back.
+        log.warning(
+            "YubiKey key forgotten; it remains in its slot",
+            extra={"key_id": record.key_id, "slot": record.location.get("slot", "")},
+        )
+
+    def destroy(self, record: KeyRecord) -> None:
+        self._wipe(self._where(record).slot)
+
+    def _wipe(self, where: SLOT) -> None:
+        """Remove the key in `where` and its certificate. Before firmware 5.7 a card
+        cannot delete a key: a fresh key is generated over it and never recorded."""
+
+        def wipe(session: PivSession) -> None:
+            with self._pin_use():
+                piv.authenticate(
+                    session,
+                    self._secrets,
+                    min_attempts=self._config.min_pin_attempts,
+                    serial=self._serial,
+                )
+            if tuple(session.version) >= (5, 7, 0):
+                session.delete_key(where)
+            else:
+                session.generate_key(where, KEY_TYPE.ECCP256)
+            with contextlib.suppress(ApduError):  # no certificate: nothing to delete
+                session.delete_certificate(where)
+
+        self._device.run(wipe)
+        log.warning("YubiKey key destroyed", extra={"backend": self.name, "slot": f"{where:02x}"})
+
+    # -- state ---------------------------------------------------------------------------
+
+    def health(self) -> BackendHealth:
+        with self._state_lock:
+            disarmed = self._disarmed
+        if disarmed:
+            return BackendHealth(self.name, False, disarmed, "locked")
+
+        def probe(session: PivSession) -> str:
+            version = ".".join(map(str, session.version))
+            attempts = session.get_pin_attempts()
+            return (
+                f"{self._who}, firmware {version}, in reader {self._device.reader_name!r}; "
+                f"{attempts} PIN attempts left"
+            )
+
+        try:
+            detail = self._device.run(probe, wait=_HEALTH_WAIT)
+        except Unavailable as exc:
+            state = "busy" if "busy" in exc.message else "absent"
+            return BackendHealth(self.name, state == "busy", exc.message, state)
+        return BackendHealth(self.name, True, detail, "connected")
+
+    def warm_up(self) -> None:
+        """Find the card before the first request needs it."""
+        self.health()
+
+    def close(self) -> None:
+        self._device.close()
