@@ -101,9 +101,13 @@ class PcscRig:
             stdout=log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
-        for index in range(len(self.cards)):
-            self.start_card(index)
-        self.wait_for_readers()
+        try:
+            for index in range(len(self.cards)):
+                self.start_card(index)
+            self.wait_for_readers()
+        except BaseException:
+            self.stop()  # a rig that failed to start leaves nothing running
+            raise
 
     def start_card(self, index: int) -> None:
         """(Re)connect card `index`, as if inserted: its keys come from its state file."""
@@ -135,13 +139,15 @@ class PcscRig:
         deadline = time.monotonic() + _START_TIMEOUT
         probe = (
             "from smartcard.System import readers\n"
-            "from smartcard.Exceptions import NoCardException\n"
+            "from smartcard.Exceptions import CardConnectionException, NoCardException\n"
             "present = 0\n"
             "for r in readers():\n"
             "    try:\n"
             "        c = r.createConnection(); c.connect(); c.disconnect(); present += 1\n"
             "    except NoCardException:\n"
             "        pass\n"
+            "    except CardConnectionException:\n"
+            "        present += 1  # held exclusively by a program (keyd): present\n"
             "print(present)\n"
         )
         while time.monotonic() < deadline:

@@ -27,7 +27,7 @@ from yubikit.piv import KEY_TYPE, PIN_POLICY, SLOT, TOUCH_POLICY, PivSession
 
 from keyd.backends.base import Backend, BackendHealth, DeviceKeyRef, GeneratedKey
 from keyd.backends.yubikey import attestation, piv
-from keyd.backends.yubikey.device import YubiKeyDevice
+from keyd.backends.yubikey.device import DeviceBusy, YubiKeyDevice
 from keyd.config import PivPinPolicy, PivTouchPolicy, YubiKeyConfig, parse_piv_slot
 from keyd.core import notice
 from keyd.core.keys import PublicKey
@@ -492,9 +492,10 @@ class YubiKeyBackend(Backend):
 
         try:
             detail = self._device.run(probe, wait=_HEALTH_WAIT)
+        except DeviceBusy as exc:
+            return BackendHealth(self.name, True, exc.message, "busy")
         except Unavailable as exc:
-            state = "busy" if "busy" in exc.message else "absent"
-            return BackendHealth(self.name, state == "busy", exc.message, state)
+            return BackendHealth(self.name, False, exc.message, "absent")
         return BackendHealth(self.name, True, detail, "connected")
 
     def warm_up(self) -> None:

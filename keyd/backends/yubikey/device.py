@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -30,6 +31,7 @@ from yubikit.piv import PivSession
 from keyd.errors import Unavailable
 
 T = TypeVar("T")
+REOPEN_SECONDS = 2.0
 _YUBICO = "yubico"
 
 
@@ -57,6 +59,10 @@ class _ExclusiveConnection(SmartCardConnection):
         release = getattr(self._connection, "release", None)
         if release is not None:
             release()
+
+
+class DeviceBusy(Unavailable):
+    """keyd's own use of the card did not end within the wait (a touch pending)."""
 
 
 @dataclass(frozen=True)
@@ -88,10 +94,10 @@ class YubiKeyDevice:
         the operation must therefore start from scratch (select, PIN) each time.
         With `wait`, give up (Unavailable) when the card stays busy that long."""
         if not self._lock.acquire(timeout=-1 if wait is None else wait):
-            raise Unavailable(f"YubiKey with serial {self.serial} is busy (waiting for a touch?)")
+            raise DeviceBusy(f"YubiKey with serial {self.serial} is busy (waiting for a touch?)")
         try:
             for attempt in (1, 2):
-                opened = self._opened or self._open()
+                opened = self._opened or (self._open() if attempt == 1 else self._reopen())
                 try:
                     return operation(opened.session)
                 except (CardConnectionException, NoCardException):
@@ -104,6 +110,18 @@ class YubiKeyDevice:
         finally:
             self._lock.release()
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _reopen(self) -> Opened:
+        """Find the card again after it failed mid-operation. A reset card takes a
+        moment to come back to PC/SC, so keep looking for up to REOPEN_SECONDS."""
+        deadline = time.monotonic() + REOPEN_SECONDS
+        while True:
+            try:
+                return self._open()
+            except Unavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
 
     def close(self) -> None:
         with self._lock:
