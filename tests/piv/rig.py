@@ -102,12 +102,30 @@ class PcscRig:
             stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
+            self._wait_for_namespaces()
             for index in range(len(self.cards)):
                 self.start_card(index)
             self.wait_for_readers()
         except BaseException:
             self.stop()  # a rig that failed to start leaves nothing running
             raise
+
+    def _wait_for_namespaces(self) -> None:
+        """Until `unshare` has made pcscd's network namespace, nsenter would join the
+        machine's own and a bridge would knock on the machine's loopback."""
+        assert self.pcscd is not None
+        own = os.readlink("/proc/self/ns/net")
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.pcscd.poll() is not None:
+                raise RuntimeError(f"pcscd exited:\n{self.logs()}")
+            try:
+                if os.readlink(f"/proc/{self.pcscd.pid}/ns/net") != own:
+                    return
+            except FileNotFoundError:
+                pass
+            time.sleep(0.01)
+        raise RuntimeError("pcscd's network namespace never appeared")
 
     def start_card(self, index: int) -> None:
         """(Re)connect card `index`, as if inserted: its keys come from its state file."""

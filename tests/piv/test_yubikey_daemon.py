@@ -91,9 +91,9 @@ def test_attestation_is_verified_and_recorded(client: Client) -> None:
     record = client.create_key(KeyType.ECDSA_P256, backend="yubikey:new", slot="85")
     location = record.location
     assert location["attestation"] == "verified", location
-    assert "keyd test" in location["attestation_detail"] or "chains to" in location[
-        "attestation_detail"
-    ]
+    assert location["attestation_detail"] == (
+        f"chains to CN=Emulated PIV Attestation Root (test only) {NEW}"
+    )
     assert location["attested_serial"] == str(NEW)
     assert location["attested_firmware"] == "5.7.2"
     assert location["attested_pin_policy"] == "always"  # the default

@@ -146,8 +146,11 @@ def generate(
             f"slot {slot.name} ({slot:02X}) of YubiKey {serial} already holds a key; "
             "choose another slot or adopt that key"
         )
+    # The PIN first: a wrong one must stop us before a key exists, not after.
+    verify_pin(session, secrets.pin, min_attempts=min_attempts, serial=serial)
     authenticate(session, secrets, min_attempts=min_attempts, serial=serial)
     public_key = session.generate_key(slot, piv_type, pin_policy, touch_policy)
+    # Again for the certificate's signature: a PIN policy ALWAYS key wants it now.
     verify_pin(session, secrets.pin, min_attempts=min_attempts, serial=serial)
     now = datetime.datetime.now(datetime.UTC)
     certificate = generate_self_signed_certificate(
