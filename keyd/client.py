@@ -24,6 +24,7 @@ from types import TracebackType
 from typing import TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keyd import wire
@@ -32,11 +33,19 @@ from keyd.core import notice
 from keyd.core.identity import Caller
 from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.core.model import KeyRecord
-from keyd.errors import InvalidArgument, KeydError, PermissionDenied, Unavailable, Unreachable
+from keyd.errors import (
+    Internal,
+    InvalidArgument,
+    KeydError,
+    PermissionDenied,
+    Unavailable,
+    Unreachable,
+)
 from keyd.v1 import keyd_pb2 as pb
 from keyd.v1 import keyd_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 
 # Large enough for a 4 MiB payload plus framing (the daemon's default limit).
 _MAX_MESSAGE = 64 * 1024 * 1024
@@ -178,23 +187,38 @@ class Client:
     def _translate(self, error: grpc.RpcError) -> KeydError:
         return translate_error(typing.cast(grpc.Call, error), self.socket)
 
-    def _call(
-        self,
-        fn: Callable[..., T],
-        request: object,
-        on_touch: Callable[[str], None] | None = None,
-    ) -> T:
+    def _call(self, fn: Callable[..., T], request: object) -> T:
         try:
-            if on_touch is None:
-                return fn(request, timeout=self.timeout)
-            # The daemon sends initial metadata early only to ask for a touch.
-            call = fn.future(request, timeout=self.timeout)  # type: ignore[attr-defined]
-            for key, value in call.initial_metadata() or ():
-                if key == notice.TOUCH_KEY:
-                    on_touch(str(value))
-            return call.result()  # type: ignore[no-any-return]
+            return fn(request, timeout=self.timeout)
         except grpc.RpcError as error:
             raise self._translate(error) from None
+
+    def _watched(
+        self,
+        method: str,
+        request: Message,
+        response_type: type[M],
+        on_touch: Callable[[str], None] | None,
+    ) -> M:
+        """A unary call whose initial metadata is read as soon as it comes: the daemon
+        sends it early only to ask for a touch. (grpcio delivers a unary call's
+        metadata with its response; the same call made as unary-stream, which is the
+        same on the wire, delivers it on its own.)"""
+        call = self._channel.unary_stream(
+            method,
+            request_serializer=type(request).SerializeToString,
+            response_deserializer=response_type.FromString,
+        )(request, timeout=self.timeout)
+        try:
+            for key, value in call.initial_metadata() or ():
+                if key == notice.TOUCH_KEY and on_touch is not None:
+                    on_touch(str(value))
+            responses: list[M] = list(call)
+        except grpc.RpcError as error:
+            raise self._translate(error) from None
+        if len(responses) != 1:
+            raise Internal(f"{method} answered with {len(responses)} messages, not one")
+        return responses[0]
 
     # -- key management -----------------------------------------------------
 
@@ -217,7 +241,11 @@ class Client:
             labels=dict(labels or {}),
             slot=slot,
         )
-        return wire.key_from_pb(self._call(self._keys.CreateKey, request, on_touch))
+        if on_touch is None:
+            return wire.key_from_pb(self._call(self._keys.CreateKey, request))
+        return wire.key_from_pb(
+            self._watched("/keyd.v1.KeyService/CreateKey", request, pb.Key, on_touch)
+        )
 
     def get_key(self, key_id: str) -> KeyRecord:
         return self.key_details(key_id).record
@@ -295,7 +323,11 @@ class Client:
         """`on_touch(device)` is called, before the signature comes, when the key's
         device waits for a touch (a YubiKey with a touch policy)."""
         request = _request(SignItem(key_id, message, digest, encoding))
-        return _signature(self._call(self._signer.Sign, request, on_touch))
+        if on_touch is None:
+            return _signature(self._call(self._signer.Sign, request))
+        return _signature(
+            self._watched("/keyd.v1.SignService/Sign", request, pb.SignResponse, on_touch)
+        )
 
     def sign_batch(
         self, items: Iterable[SignItem], *, batch_size: int = 256, in_flight: int = 2

@@ -35,8 +35,8 @@ from grpc_reflection.v1alpha import reflection
 from keyd.audit import AuditLog
 from keyd.backends.base import Backend
 from keyd.backends.pkcs11 import Pkcs11Backend
-from keyd.backends.yubikey.backend import YubiKeyBackend
 from keyd.backends.store import StoreBackend
+from keyd.backends.yubikey.backend import YubiKeyBackend
 from keyd.config import AccessMode, Config
 from keyd.core.identity import Caller, Operation
 from keyd.core.model import KeyRecord

@@ -41,7 +41,7 @@ class SlowBackend(Backend):
         self.started = threading.Event()
         self.release = threading.Event()
 
-    def generate(self, key_type: KeyType) -> GeneratedKey:
+    def generate(self, key_type: KeyType, *, role: str = "", slot: str = "") -> GeneratedKey:
         if key_type is not KeyType.ED25519:
             raise InvalidArgument("the slow test backend makes ed25519 keys only")
         key = ed25519.Ed25519PrivateKey.generate()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest

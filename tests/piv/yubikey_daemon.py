@@ -7,6 +7,7 @@ reaches only the rig's private pcscd (PCSCLITE_CSOCK_NAME).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,9 +112,22 @@ class YubiKeyRig:
             assert result.returncode == 0, result.stderr
         return result.stdout + result.stderr
 
-    def touch(self, index: int) -> None:
-        """The user touches card `index` (its bridge turns SIGUSR1 into a touch)."""
-        os.kill(self.pcsc.bridges[index].pid, signal.SIGUSR1)
+    def touch(self, index: int, seconds: float = 1.0) -> threading.Thread:
+        """A finger on card `index` for `seconds`, from now, as a user told to touch it
+        would. A YubiKey (and the emulator) counts a touch only while it waits for one;
+        the bridge turns each SIGUSR1 into a touch."""
+        pid = self.pcsc.bridges[index].pid
+
+        def press() -> None:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGUSR1)
+                time.sleep(0.05)
+
+        finger = threading.Thread(target=press, daemon=True)
+        finger.start()
+        return finger
 
     def reinsert(self, index: int) -> None:
         self.pcsc.remove_card(index)

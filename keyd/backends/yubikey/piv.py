@@ -8,6 +8,7 @@ PUK, and burning it by accident is the worst thing a signing daemon can do.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
@@ -150,18 +151,30 @@ def generate(
     verify_pin(session, secrets.pin, min_attempts=min_attempts, serial=serial)
     authenticate(session, secrets, min_attempts=min_attempts, serial=serial)
     public_key = session.generate_key(slot, piv_type, pin_policy, touch_policy)
-    # Again for the certificate's signature: a PIN policy ALWAYS key wants it now.
-    verify_pin(session, secrets.pin, min_attempts=min_attempts, serial=serial)
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = generate_self_signed_certificate(
-        session,
-        slot,
-        public_key,
-        f"CN=keyd {key_type.value} on YubiKey {serial}",
-        now,
-        now + datetime.timedelta(days=_CERT_DAYS),
-    )
-    session.put_certificate(slot, certificate)
+    try:
+        # Again for the certificate's signature: a PIN policy ALWAYS key wants it now.
+        verify_pin(session, secrets.pin, min_attempts=min_attempts, serial=serial)
+        now = datetime.datetime.now(datetime.UTC)
+        certificate = generate_self_signed_certificate(
+            session,
+            slot,
+            public_key,
+            f"CN=keyd {key_type.value} on YubiKey {serial}",
+            now,
+            now + datetime.timedelta(days=_CERT_DAYS),
+        )
+        session.put_certificate(slot, certificate)
+    except ApduError as exc:
+        # No touch for the certificate, say: the key must not stay behind unrecorded.
+        if tuple(session.version) >= (5, 7, 0):
+            with contextlib.suppress(ApduError):
+                session.delete_key(slot)
+        if exc.sw == SW.SECURITY_CONDITION_NOT_SATISFIED:
+            raise Unavailable(
+                f"YubiKey {serial} did not sign the new key's certificate: touch the "
+                f"YubiKey with serial {serial} when asked and retry"
+            ) from None
+        raise
     return public_key
 
 
