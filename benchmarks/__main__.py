@@ -6,7 +6,7 @@ import argparse
 
 from benchmarks import core
 
-PARTS = ("rpc", "store", "verify", "pkcs11", "notary", "access")
+PARTS = ("rpc", "store", "verify", "pkcs11", "notary", "access", "yubikey")
 
 
 def main() -> None:

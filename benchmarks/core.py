@@ -411,6 +411,10 @@ def run(runs: int, seconds: float, parts: list[str]) -> Report:
             from benchmarks.access import access_on_off  # noqa: PLC0415 - imports core
 
             access_on_off(report, work, runs, seconds)
+        if "yubikey" in parts:
+            from benchmarks.yubikey import yubikey_signing  # noqa: PLC0415 - imports core
+
+            yubikey_signing(report, work, runs, seconds)
         if "pkcs11" in parts:
             from benchmarks.pkcs11 import token_signing  # noqa: PLC0415 - imports core
 

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cryptography import x509
@@ -129,10 +129,13 @@ class YubiKeyRig:
         finger.start()
         return finger
 
-    def reinsert(self, index: int) -> None:
-        self.pcsc.remove_card(index)
-        self.pcsc.start_card(index)
-        self.pcsc.wait_for_readers()
+    def finger(self, index: int) -> Callable[[str], None]:
+        """An `on_touch` callback: touch card `index` when keyd asks."""
+
+        def touch(device: str) -> None:
+            self.touch(index)
+
+        return touch
 
     def stop(self) -> None:
         for daemon in self.daemons:
