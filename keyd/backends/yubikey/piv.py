@@ -12,7 +12,7 @@ import contextlib
 import datetime
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
@@ -67,9 +67,9 @@ def pss_encode(digest: bytes, em_bits: int) -> bytes:
 
 @dataclass(frozen=True)
 class Secrets:
-    pin: str
+    pin: str = field(repr=False)
     # None: the management key is PIN-protected on the card (ykman's --protect).
-    management_key: bytes | None = None
+    management_key: bytes | None = field(default=None, repr=False)
 
 
 class PinLocked(FailedPrecondition):
