@@ -285,7 +285,9 @@ def cmd_keys_show(args: argparse.Namespace) -> int:
 
 def cmd_keys_adopt(args: argparse.Namespace) -> int:
     if not (args.id or args.device_label):
-        raise InvalidArgument("name the key on the device with --id (CKA_ID hex) or --device-label")
+        raise InvalidArgument(
+            "name the key on the device with --id (CKA_ID hex, or a YubiKey slot) or --device-label"
+        )
     with _client(args) as client:
         record = client.adopt_key(
             backend=args.backend,
@@ -294,6 +296,7 @@ def cmd_keys_adopt(args: argparse.Namespace) -> int:
             role=args.role,
             collection=args.collection,
             labels=_labels(args.label),
+            on_touch=_ask_for_touch,
         )
     if args.json:
         _print_json(key_json(record))

@@ -216,6 +216,8 @@ class Client:
             responses: list[M] = list(call)
         except grpc.RpcError as error:
             raise self._translate(error) from None
+        finally:
+            call.cancel()  # type: ignore[no-untyped-call]  # a no-op once the call has ended; stops it if on_touch raised
         if len(responses) != 1:
             raise Internal(f"{method} answered with {len(responses)} messages, not one")
         return responses[0]
@@ -264,8 +266,10 @@ class Client:
         role: str = "",
         collection: str = "",
         labels: Mapping[str, str] | None = None,
+        on_touch: Callable[[str], None] | None = None,
     ) -> KeyRecord:
-        """Record a key that already exists on a device (PKCS#11: by CKA_ID hex or label)."""
+        """Record a key that already exists on a device (PKCS#11: by CKA_ID hex or
+        label; YubiKey: by slot)."""
         request = pb.AdoptKeyRequest(
             backend=backend,
             device_key_id=device_key_id,
@@ -274,7 +278,11 @@ class Client:
             collection=collection,
             labels=dict(labels or {}),
         )
-        return wire.key_from_pb(self._call(self._keys.AdoptKey, request))
+        if on_touch is None:
+            return wire.key_from_pb(self._call(self._keys.AdoptKey, request))
+        return wire.key_from_pb(
+            self._watched("/keyd.v1.KeyService/AdoptKey", request, pb.Key, on_touch)
+        )
 
     def list_keys(
         self,

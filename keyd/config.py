@@ -20,7 +20,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from keyd.errors import ConfigError
+from keyd.core.model import check_role
+from keyd.errors import ConfigError, InvalidArgument
 
 DEFAULT_CONFIG = Path("/etc/keyd/keyd.toml")
 NOTARY_SIGNER_CONFIG = Path("/etc/keyd/notary-signer.toml")
@@ -216,7 +217,13 @@ class YubiKeyConfig:
                 _fail(
                     section, field_name, f"{value!r} is not a PIV key slot (9a, 9c, 9d, 9e, 82-95)"
                 )
-        check_range(section, "min_pin_attempts", self.min_pin_attempts, 1, 255)
+        # At least 2: keyd must never use the last attempt (a refusal would block the PIN).
+        check_range(section, "min_pin_attempts", self.min_pin_attempts, 2, 255)
+        for role in self.slots:
+            try:
+                check_role(role)
+            except InvalidArgument as exc:
+                _fail(section, f"slots.{role}", exc.message)
         check_range(section, "max_requests", self.max_requests, 1, 1024)
         for field_name, paths in (
             ("attestation_roots", self.attestation_roots),

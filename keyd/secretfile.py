@@ -63,8 +63,8 @@ def find_secret(credential: str, path: Path | None) -> Path | None:
 
 def read_pin(path: Path, what: str, max_bytes: int) -> str:
     """A PIN from a checked secret file: UTF-8 text of 1 to max_bytes bytes; a final
-    newline is not part of it."""
-    pin = read_private_file(path, what, max_bytes + 2).removesuffix(b"\n")
+    newline (LF or CRLF) is not part of it."""
+    pin = read_private_file(path, what, max_bytes + 2).removesuffix(b"\n").removesuffix(b"\r")
     if not pin or len(pin) > max_bytes or b"\0" in pin:
         raise SecretError(f"{path}: the PIN must be 1 to {max_bytes} bytes without NUL")
     try:

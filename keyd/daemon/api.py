@@ -23,7 +23,7 @@ from keyd.core.identity import Operation
 from keyd.core.model import KeySelector
 from keyd.daemon.access import Gate, Request, item_result
 from keyd.daemon.manager import Signature, SignItem, SignOutcome
-from keyd.errors import FailedPrecondition, InvalidArgument, KeydError
+from keyd.errors import FailedPrecondition, InvalidArgument, KeydError, Unavailable
 from keyd.v1 import keyd_pb2 as pb
 from keyd.v1 import keyd_pb2_grpc as pb_grpc
 
@@ -72,9 +72,16 @@ class _TouchNotice:
         self._sent = False
 
     def __call__(self, device: str) -> None:
-        if not self._sent:
-            self._sent = True
+        if self._sent:
+            return
+        self._sent = True
+        if not self._context.is_active():
+            # The caller is gone: nobody to touch the key for. Stop before the card waits.
+            raise Unavailable("the caller cancelled the request")
+        try:
             self._context.send_initial_metadata(((notice.TOUCH_KEY, device),))
+        except (grpc.RpcError, ValueError):
+            raise Unavailable("the caller cancelled the request") from None
 
 
 def _fill_signature(message: pb.SignResponse, sig: Signature) -> None:

@@ -12,12 +12,28 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from ykman.piv import pivman_set_mgm_key
-from yubikit.piv import MANAGEMENT_KEY_TYPE, PIN_POLICY, SLOT, TOUCH_POLICY, PivSession, PublicKey
+from yubikit.piv import (
+    KEY_TYPE,
+    MANAGEMENT_KEY_TYPE,
+    PIN_POLICY,
+    SLOT,
+    TOUCH_POLICY,
+    PivSession,
+    PublicKey,
+)
 
 from keyd.backends.yubikey import attestation
-from keyd.backends.yubikey.piv import PinLocked, Secrets, authenticate, generate, sign
+from keyd.backends.yubikey.piv import (
+    PinLocked,
+    PinStateLost,
+    Secrets,
+    authenticate,
+    generate,
+    occupied,
+    sign,
+)
 from keyd.core.keytypes import KeyType
-from keyd.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
+from keyd.errors import FailedPrecondition, InvalidArgument, Unavailable
 from tests.piv.connection import EmulatedConnection
 from tests.piv.emulator import EmulatedCard
 
@@ -60,17 +76,14 @@ def test_generate_and_sign_p256(version: tuple[int, int, int], slot: SLOT) -> No
     assert isinstance(public, ec.EllipticCurvePublicKey)
     session = session_for(card)
     assert session.get_certificate(slot).public_key() == public  # other tools see it
-    pin = PIN  # 9C: PIN policy ALWAYS by default; retired slots ONCE (once per session)
-    signature = sign(
-        session, slot, KeyType.ECDSA_P256, b"release", prehashed=False, pin=pin,
-        min_attempts=2, serial=1234,
-    )  # fmt: skip
+    # 9C: PIN policy ALWAYS by default; retired slots ONCE (once per session). The backend
+    # verifies as the slot needs; here, before each signature.
+    session.verify_pin(PIN)
+    signature = sign(session, slot, KeyType.ECDSA_P256, b"release", prehashed=False, serial=1234)
     public.verify(signature, b"release", ec.ECDSA(hashes.SHA256()))
     digest = hashlib.sha256(b"release").digest()
-    signature = sign(
-        session, slot, KeyType.ECDSA_P256, digest, prehashed=True, pin=pin,
-        min_attempts=2, serial=1234,
-    )  # fmt: skip
+    session.verify_pin(PIN)
+    signature = sign(session, slot, KeyType.ECDSA_P256, digest, prehashed=True, serial=1234)
     public.verify(signature, digest, ec.ECDSA(Prehashed(hashes.SHA256())))
 
 
@@ -78,10 +91,9 @@ def test_ed25519_needs_firmware_5_7() -> None:
     new = EmulatedCard(version=(5, 7, 2), serial=1)
     public = make(new, SLOT.RETIRED1, KeyType.ED25519)
     assert isinstance(public, ed25519.Ed25519PublicKey)
-    signature = sign(
-        session_for(new), SLOT.RETIRED1, KeyType.ED25519, b"m", prehashed=False, pin=PIN,
-        min_attempts=2, serial=1,
-    )  # fmt: skip
+    session = session_for(new)
+    session.verify_pin(PIN)
+    signature = sign(session, SLOT.RETIRED1, KeyType.ED25519, b"m", prehashed=False, serial=1)
     public.verify(signature, b"m")
     old = EmulatedCard(version=(5, 4, 3), serial=2)
     with pytest.raises(InvalidArgument, match=r"firmware 5\.4\.3"):
@@ -120,7 +132,7 @@ def test_a_blocked_pin_is_reported() -> None:
 
 def test_a_wrong_management_key_is_refused() -> None:
     card = EmulatedCard(serial=6)
-    with pytest.raises(PermissionDenied, match="management key"):
+    with pytest.raises(FailedPrecondition, match="refused the management key"):
         make(card, SLOT.RETIRED3, KeyType.ECDSA_P256, secrets=Secrets(PIN, b"\0" * 24))
 
 
@@ -140,12 +152,51 @@ def test_no_touch_is_a_clear_error_not_a_hang() -> None:
     # The self-signed certificate is made with the new key: the operator touches once.
     make(card, SLOT.RETIRED7, KeyType.ECDSA_P256, touch_policy=TOUCH_POLICY.ALWAYS)
     card.on_touch = None  # from now on nobody touches it
+    session = session_for(card)
+    session.verify_pin(PIN)
+    asked: list[bool] = []
     with pytest.raises(Unavailable, match="touch the YubiKey with serial 8"):
         sign(
-            session_for(card), SLOT.RETIRED7, KeyType.ECDSA_P256, b"m", prehashed=False,
-            pin=PIN, min_attempts=2, serial=8,
+            session, SLOT.RETIRED7, KeyType.ECDSA_P256, b"m", prehashed=False, serial=8,
+            before_touch=lambda: asked.append(True),
         )  # fmt: skip
+    assert asked == [True]  # keyd said so, right before the card waited
     assert card.touch_requests  # the card did ask
+
+
+def test_a_lost_pin_state_is_not_mistaken_for_a_touch() -> None:
+    card = EmulatedCard(serial=12)
+    make(card, SLOT.RETIRED10, KeyType.ECDSA_P256, pin_policy=PIN_POLICY.ONCE)
+    with pytest.raises(PinStateLost, match="wanted its PIN again"):
+        sign(session_for(card), SLOT.RETIRED10, KeyType.ECDSA_P256, b"m", prehashed=False,
+             serial=12)  # fmt: skip
+
+
+def test_a_key_whose_certificate_fails_is_taken_out_again() -> None:
+    """No touch for the new key's certificate: the key does not stay behind (5.7+)."""
+    card = EmulatedCard(version=(5, 7, 2), serial=13, touch_timeout=0.1)
+    with pytest.raises(Unavailable, match="needs a touch"):
+        make(card, SLOT.RETIRED11, KeyType.ECDSA_P256, touch_policy=TOUCH_POLICY.ALWAYS)
+    assert not occupied(session_for(card), SLOT.RETIRED11)
+
+
+def test_before_5_7_a_stray_key_is_reported() -> None:
+    card = EmulatedCard(version=(5, 4, 3), serial=14, touch_timeout=0.1)
+    with pytest.raises(Unavailable, match="now holds a key keyd did not record"):
+        make(card, SLOT.RETIRED12, KeyType.ECDSA_P256, touch_policy=TOUCH_POLICY.ALWAYS)
+    assert occupied(session_for(card), SLOT.RETIRED12)
+
+
+def test_before_5_3_a_key_without_certificate_counts_as_there() -> None:
+    """No metadata before 5.3: a generated key without certificate must not look empty."""
+    card = EmulatedCard(version=(5, 2, 7), serial=15)
+    session = session_for(card)
+    session.authenticate(DEFAULT_KEY)
+    session.generate_key(SLOT.RETIRED13, KEY_TYPE.ECCP256)  # as `ykman piv keys generate`
+    assert occupied(session_for(card), SLOT.RETIRED13)
+    assert not occupied(session_for(card), SLOT.RETIRED14)
+    with pytest.raises(FailedPrecondition, match="already holds a key"):
+        make(card, SLOT.RETIRED13, KeyType.ECDSA_P256)
 
 
 def _attest(card: EmulatedCard, slot: SLOT) -> tuple[x509.Certificate, x509.Certificate]:
@@ -174,17 +225,23 @@ def test_attestation_verifies_against_the_emulator_s_root_only() -> None:
     assert not result.verified
     assert "does not chain" in result.detail
 
-    # Not for another card's serial, nor for another key.
-    assert not attestation.verify(
-        statement,
-        device,
-        public,
-        roots=[card.attestation_root],
-        serial=99,
-    ).verified
+    # Not for another card's serial, nor for another key, nor for other policies.
+    root = [card.attestation_root]
+    result = attestation.verify(statement, device, public, roots=root, serial=99)
+    assert (result.verified, result.detail) == (False, "the attestation names serial 9, not 99")
+    assert result.serial is None  # unverified facts are not recorded
     stranger = ec.generate_private_key(ec.SECP256R1()).public_key()
-    assert not attestation.verify(
-        statement, device, stranger, roots=[card.attestation_root], serial=9
+    result = attestation.verify(statement, device, stranger, roots=root, serial=9)
+    assert (result.verified, result.detail) == (False, "the attestation is for another key")
+    result = attestation.verify(
+        statement, device, public, roots=root, serial=9, pin_policy="always"
+    )
+    assert (result.verified, result.detail) == (
+        False,
+        "the card applied PIN policy once, not always",
+    )
+    assert attestation.verify(
+        statement, device, public, roots=root, serial=9, pin_policy="once", touch_policy="never"
     ).verified
 
 

@@ -78,8 +78,13 @@ def test_a_wrong_pin_is_tried_once_and_never_again(rig: YubiKeyRig) -> None:
         with pytest.raises(FailedPrecondition, match=r"refused keyd's PIN \(2 attempts left\)"):
             client.create_key(KeyType.ECDSA_P256, backend="yubikey:yk")
         for _ in range(3):
-            with pytest.raises(FailedPrecondition, match="keyd stopped using this PIN"):
+            with pytest.raises(FailedPrecondition, match="keyd stopped using the PIN"):
                 client.create_key(KeyType.ECDSA_P256, backend="yubikey:yk")
+        wait_for_backend(client, "yubikey:yk", "locked")
+        # A reload with the PIN unchanged does not re-arm: the same PIN would be refused.
+        daemon.signal(signal.SIGHUP)
+        time.sleep(2.5)  # the daemon's main loop handles SIGHUP within a second
+        assert "PIN is still the one the card refused" in daemon.logs()
         wait_for_backend(client, "yubikey:yk", "locked")
         # The operator fixes the PIN file and re-arms keyd with SIGHUP.
         private_file(wrong, PIN + "\n")
@@ -89,9 +94,9 @@ def test_a_wrong_pin_is_tried_once_and_never_again(rig: YubiKeyRig) -> None:
         sig = client.sign(record.key_id, MESSAGE)
         independent_verify(record, sig.signature, MESSAGE, sig.encoding)
     assert daemon.stop() == 0
-    # One refusal only, and the right PIN reset the counter; no key was made for nothing.
+    # One refusal only, and the right PIN reset the counter; the one key is keyd's.
     assert pin_tries(rig) == "3/3"
-    assert "9C" in rig.ykman(0, "piv", "info").upper()
+    assert re.search(r"Algorithm:\s+ECCP256", rig.ykman(0, "piv", "keys", "info", "9c"))
 
 
 def test_keyd_does_not_try_a_pin_with_few_attempts_left(rig: YubiKeyRig) -> None:
@@ -114,7 +119,9 @@ def test_a_blocked_pin_is_reported(rig: YubiKeyRig) -> None:
     daemon = rig.daemon(rig.table("yk", 0))
     with daemon.client() as client:
         with pytest.raises(
-            FailedPrecondition, match=r"PIN of YubiKey 34000001 is blocked; unblock it with the PUK"
+            FailedPrecondition,
+            match=r"PIN of YubiKey with serial 34000001 is blocked; stop keyd \(it holds the "
+            r"card\), unblock it with the PUK",
         ):
             client.create_key(KeyType.ECDSA_P256, backend="yubikey:yk")
         status = {b.name: b for b in client.status().backends}["yubikey:yk"]
@@ -266,7 +273,7 @@ def test_ykman_sees_adopts_and_destroys(two_cards: YubiKeyRig, tmp_path: Path) -
     assert "keyd ecdsa-p256 on YubiKey 34000001" in info  # 9c's certificate, keyd's subject
     assert "ECCP256" in rig.ykman(0, "piv", "keys", "info", "9c")
     gone = rig.ykman(0, "piv", "keys", "info", "95", check=False)
-    assert "ECCP384" not in gone
+    assert "No key stored in slot 95" in gone
 
 
 def test_attestation_against_yubicos_roots_is_not_verified(rig: YubiKeyRig) -> None:
@@ -287,4 +294,28 @@ def test_attestation_against_yubicos_roots_is_not_verified(rig: YubiKeyRig) -> N
             client.create_key(KeyType.ECDSA_P256, backend="yubikey:strict", slot="83")
         assert client.list_keys() == []
     assert strict.stop() == 0
-    assert "ECCP256" not in rig.ykman(0, "piv", "keys", "info", "83", check=False)
+    assert "No key stored in slot 83" in rig.ykman(0, "piv", "keys", "info", "83", check=False)
+
+
+def test_a_purge_never_destroys_a_key_that_replaced_the_recorded_one(
+    rig: YubiKeyRig, tmp_path: Path
+) -> None:
+    """Between the delete and the purge someone put another key in the slot (with ykman,
+    keyd stopped): the purge refuses, and the new key stays."""
+    daemon = rig.daemon(rig.table("yk", 0))
+    with daemon.client() as client:
+        record = client.create_key(KeyType.ECDSA_P256, backend="yubikey:yk", slot="86")
+        client.delete_key(record.key_id, destroy_on_device_confirmed=record.key_id)
+    assert daemon.stop() == 0
+    replacement = tmp_path / "replacement.pem"
+    rig.ykman(0, "piv", "keys", "delete", "--management-key", MANAGEMENT_KEY, "86")
+    rig.ykman(
+        0, "piv", "keys", "generate", "--algorithm", "ECCP384", "--management-key",
+        MANAGEMENT_KEY, "86", str(replacement),
+    )  # fmt: skip
+    daemon.start()
+    refused = pytest.raises(FailedPrecondition, match=r"holds another key .* nothing was destroyed")
+    with daemon.client() as client, refused:
+        client.purge_key(record.key_id)
+    assert daemon.stop() == 0
+    assert re.search(r"Algorithm:\s+ECCP384", rig.ykman(0, "piv", "keys", "info", "86"))

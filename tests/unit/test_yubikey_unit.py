@@ -3,13 +3,17 @@ keyd's RSA-PSS padding and the bundled Yubico attestation roots."""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.x509.oid import NameOID
 
+from keyd.backends.yubikey import attestation
 from keyd.backends.yubikey.backend import load_secrets, load_trust
 from keyd.backends.yubikey.piv import pss_encode
 from keyd.config import Config, PivPinPolicy, PivTouchPolicy, YubiKeyConfig
@@ -83,7 +87,11 @@ def test_a_yubikey_table(tmp_path: Path) -> None:
         ('serial = 1\nattestation_roots = "r.pem"\n', r"attestation_roots: must be an array"),
         ('serial = 1\nattestation_roots = ["none.pem"]\n', r"none.pem does not exist"),
         ('serial = 1\npin_policy = "sometimes"\n', r"pin_policy: 'sometimes' is not one of"),
-        ("serial = 1\nmin_pin_attempts = 0\n", r"min_pin_attempts: 0 is out of range"),
+        ("serial = 1\nmin_pin_attempts = 1\n", r"min_pin_attempts: 1 is out of range \(2 to"),
+        (
+            'serial = 1\n[yubikey.k.slots]\n"no such role!" = "82"\n',
+            r"slots.no such role!: invalid",
+        ),
         ('serial = 1\npin = "123456"\n', r"\[yubikey.k\] pin: unknown field"),
     ],
 )
@@ -110,6 +118,12 @@ def test_secrets_from_files(tmp_path: Path) -> None:
     assert secrets.management_key == bytes(24)
 
 
+def test_a_pin_file_written_on_windows_is_read(tmp_path: Path) -> None:
+    tmp_path.chmod(0o700)
+    config = YubiKeyConfig(serial=1, pin_file=_secret(tmp_path / "pin", "1234567\r\n"))
+    assert load_secrets("k", config).pin == "1234567"
+
+
 def test_without_a_management_key_the_card_keeps_it(tmp_path: Path) -> None:
     tmp_path.chmod(0o700)
     config = YubiKeyConfig(serial=1, pin_file=_secret(tmp_path / "pin", "123456"))
@@ -132,6 +146,9 @@ def test_secrets_from_systemd_credentials(tmp_path: Path, monkeypatch: pytest.Mo
         (None, None, 0o600, r"no PIN for YubiKey 'k'.*LoadCredential=keyd-yubikey-k-pin"),
         ("123456", None, 0o644, r"has mode 0644; others could read it"),
         ("123456789", None, 0o600, r"the PIN must be 1 to 8 bytes"),
+        ("12345", None, 0o600, r"a PIV PIN is 6 to 8 printable ASCII characters"),
+        ("12345\u00e9", None, 0o600, r"a PIV PIN is 6 to 8 printable ASCII characters"),
+        ("1234\t56", None, 0o600, r"a PIV PIN is 6 to 8 printable ASCII characters"),
         ("123456", "zz", 0o600, r"the management key must be hex"),
         ("123456", "0102", 0o600, r"must be 16, 24 or 32 bytes"),
     ],
@@ -202,3 +219,87 @@ def test_configured_roots_replace_yubicos(tmp_path: Path) -> None:
     (tmp_path / "bad.pem").write_text("not a certificate")
     with pytest.raises(ConfigError, match=r"bad\.pem: not a readable PEM"):
         load_trust(YubiKeyConfig(serial=1, attestation_roots=(tmp_path / "bad.pem",)))
+
+
+# -- attestation chains through intermediates (the firmware 5.7.4+ shape) ----------------
+
+
+def _cert(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: tuple[str, ec.EllipticCurvePrivateKey] | None,
+    *,
+    ca: bool | None,
+    extensions: tuple[tuple[str, bytes], ...] = (),
+) -> x509.Certificate:
+    issuer_name, issuer_key = issuer or (subject, key)
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
+    if ca is not None:
+        builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None), True)
+    for oid, value in extensions:
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(x509.ObjectIdentifier(oid), value), False
+        )
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def _chain(*, intermediate_is_ca: bool) -> tuple[x509.Certificate, ...]:
+    """root -> intermediate -> F9 (the card) -> statement for a slot key, serial 4242,
+    firmware 5.7.4, PIN policy once, touch always."""
+    keys = [ec.generate_private_key(ec.SECP256R1()) for _ in range(4)]
+    root = _cert("Test Attestation Root", keys[0], None, ca=True)
+    intermediate = _cert(
+        "Test PIV Attestation B 1", keys[1], ("Test Attestation Root", keys[0]),
+        ca=intermediate_is_ca,
+    )  # fmt: skip
+    f9 = _cert("Yubico PIV Attestation", keys[2], ("Test PIV Attestation B 1", keys[1]), ca=None)
+    statement = _cert(
+        "YubiKey PIV Attestation 9c", keys[3], ("Yubico PIV Attestation", keys[2]), ca=None,
+        extensions=(
+            ("1.3.6.1.4.1.41482.3.3", bytes([5, 7, 4])),
+            ("1.3.6.1.4.1.41482.3.7", bytes([0x02, 0x02, 0x10, 0x92])),  # INTEGER 4242
+            ("1.3.6.1.4.1.41482.3.8", bytes([2, 2])),  # PIN once, touch always
+        ),
+    )  # fmt: skip
+    return root, intermediate, f9, statement
+
+
+def test_a_statement_chains_through_intermediates_the_card_does_not_carry() -> None:
+    root, intermediate, f9, statement = _chain(intermediate_is_ca=True)
+    key = statement.public_key()
+    result = attestation.verify(
+        statement, f9, key, roots=[root], intermediates=[intermediate], serial=4242,
+        pin_policy="once", touch_policy="always",
+    )  # fmt: skip
+    assert result.verified, result.detail
+    assert result.detail == "chains to CN=Test Attestation Root"
+    assert (result.serial, result.firmware) == (4242, "5.7.4")
+    assert (result.pin_policy, result.touch_policy) == ("once", "always")
+    # Without the intermediate there is no way up.
+    missing = attestation.verify(statement, f9, key, roots=[root], serial=4242)
+    assert not missing.verified
+    assert "does not chain to a trusted attestation root" in missing.detail
+
+
+def test_an_intermediate_that_is_not_a_ca_breaks_the_chain() -> None:
+    root, intermediate, f9, statement = _chain(intermediate_is_ca=False)
+    result = attestation.verify(
+        statement, f9, statement.public_key(), roots=[root], intermediates=[intermediate],
+        serial=4242,
+    )  # fmt: skip
+    assert not result.verified
+    # Nor may a root be named that is no CA (here: the intermediate as a "root").
+    _, not_a_ca, f9, statement = _chain(intermediate_is_ca=False)
+    result = attestation.verify(
+        statement, f9, statement.public_key(), roots=[not_a_ca], serial=4242
+    )
+    assert not result.verified

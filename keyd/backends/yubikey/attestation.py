@@ -24,7 +24,7 @@ _SERIAL = ObjectIdentifier("1.3.6.1.4.1.41482.3.7")
 _POLICY = ObjectIdentifier("1.3.6.1.4.1.41482.3.8")
 _PIN_POLICIES = {1: "never", 2: "once", 3: "always"}
 _TOUCH_POLICIES = {1: "never", 2: "always", 3: "cached"}
-_MAX_CHAIN = 4  # F9, then at most this many intermediates before a root
+_MAX_CHAIN = 4  # links above F9: at most 3 intermediates, then a root
 
 
 @dataclass(frozen=True)
@@ -58,29 +58,38 @@ def verify(
     roots: Sequence[x509.Certificate],
     intermediates: Sequence[x509.Certificate] = (),
     serial: int,
+    pin_policy: str = "",
+    touch_policy: str = "",
 ) -> Attestation:
     """Check the statement for `public_key` on the card with `serial` up to one of
-    `roots`, and read its extensions. Never raises for a bad attestation: the result
-    says what was wrong."""
-    facts = _extensions(statement)  # what the statement says, not yet vouched for
+    `roots`, and read its extensions; with `pin_policy`/`touch_policy`, the card must
+    have applied exactly those. Never raises for a bad attestation: the result says
+    what was wrong, and carries the statement's facts only once they are vouched for."""
+    facts = statement_facts(statement)  # what the statement says, not yet vouched for
 
     def refused(why: str) -> Attestation:
-        return replace(facts, verified=False, detail=why)
+        return Attestation(False, why)
 
     if statement.public_key() != public_key:
         return refused("the attestation is for another key")
     if facts.serial != serial:
         return refused(f"the attestation names serial {facts.serial}, not {serial}")
+    for name, wanted, applied in (
+        ("PIN", pin_policy, facts.pin_policy),
+        ("touch", touch_policy, facts.touch_policy),
+    ):
+        if wanted and applied != wanted:
+            return refused(f"the card applied {name} policy {applied or '?'}, not {wanted}")
     if not _issued_by(statement, device):
         return refused("the attestation is not signed by the card's F9 key")
     chain = device
     for _ in range(_MAX_CHAIN):
         for root in roots:
-            if _issued_by(chain, root):
+            if _is_ca(root) and _issued_by(chain, root):
                 return replace(
                     facts, verified=True, detail=f"chains to {root.subject.rfc4514_string()}"
                 )
-        parent = next((c for c in intermediates if _issued_by(chain, c)), None)
+        parent = next((c for c in intermediates if _is_ca(c) and _issued_by(chain, c)), None)
         if parent is None:
             break
         chain = parent
@@ -88,6 +97,16 @@ def verify(
         f"the card's certificate ({device.issuer.rfc4514_string()}) does not chain to a "
         "trusted attestation root"
     )
+
+
+def _is_ca(certificate: x509.Certificate) -> bool:
+    """Roots and intermediates must be CAs. (The card's F9 certificate is not checked:
+    older YubiKeys' F9 certificates carry no CA flag.)"""
+    try:
+        constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints)
+    except x509.ExtensionNotFound:
+        return False
+    return constraints.value.ca
 
 
 def _issued_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -98,7 +117,9 @@ def _issued_by(child: x509.Certificate, issuer: x509.Certificate) -> bool:
     return True
 
 
-def _extensions(statement: x509.Certificate) -> Attestation:
+def statement_facts(statement: x509.Certificate) -> Attestation:
+    """What a statement says (serial, firmware, policies), not yet vouched for."""
+
     def value(oid: ObjectIdentifier) -> bytes:
         try:
             ext = statement.extensions.get_extension_for_oid(oid).value

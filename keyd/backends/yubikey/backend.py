@@ -11,17 +11,20 @@ never use up the PIN's attempts by itself.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import logging
 import secrets
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
-from yubikit.core import NotSupportedError
+from yubikit.core import BadResponseError, NotSupportedError
 from yubikit.core.smartcard import SW, ApduError
 from yubikit.piv import KEY_TYPE, PIN_POLICY, SLOT, TOUCH_POLICY, PivSession
 
@@ -45,9 +48,10 @@ from keyd.errors import (
 from keyd.secretfile import find_secret, read_pin, read_private_file
 
 log = logging.getLogger("keyd.yubikey")
+T = TypeVar("T")
 
 FAMILY = "yubikey"
-_MAX_PIN_BYTES = 8  # PIV: 6 to 8 characters
+_MIN_PIN_CHARS, _MAX_PIN_BYTES = 6, 8  # PIV PINs
 _MGMT_KEY_LENGTHS = (16, 24, 32)  # AES-128, 3DES or AES-192, AES-256
 _HEALTH_WAIT = 0.5  # seconds: health reports "busy" rather than wait behind a touch
 _KEY_TYPES = {piv_type: key_type for key_type, piv_type in piv.PIV_TYPES.items()}
@@ -62,7 +66,7 @@ _TOUCH_POLICIES = {
     PivTouchPolicy.CACHED: TOUCH_POLICY.CACHED,
 }
 # The card's defaults when a slot says DEFAULT (Yubico: 9C always asks for the PIN).
-_DEFAULT_PIN = {SLOT.SIGNATURE: "always"}
+_DEFAULT_PIN = {SLOT.SIGNATURE: "always", SLOT.CARD_AUTH: "never"}
 
 
 def backend_name(name: str) -> str:
@@ -78,6 +82,10 @@ def load_secrets(name: str, config: YubiKeyConfig) -> piv.Secrets:
             f"systemd with LoadCredential={config.credential(name, 'pin')}:FILE"
         )
     pin = read_pin(pin_path, f"PIN file of YubiKey {name!r}", _MAX_PIN_BYTES)
+    # A PIV PIN is 6 to 8 printable ASCII characters: anything else would only spend
+    # one of the card's few attempts.
+    if not (_MIN_PIN_CHARS <= len(pin) <= _MAX_PIN_BYTES and pin.isascii() and pin.isprintable()):
+        raise SecretError(f"{pin_path}: a PIV PIN is 6 to 8 printable ASCII characters")
     key_path = find_secret(config.credential(name, "management-key"), config.management_key_file)
     if key_path is None:
         return piv.Secrets(pin=pin)
@@ -123,7 +131,7 @@ class _Slot:
 
     slot: SLOT
     pin_policy: str  # never, once, always
-    touch_policy: str  # never, always, cached
+    touch_policy: str  # never, always, cached; "unknown" counts as needing a touch
 
     @classmethod
     def of(cls, record: KeyRecord) -> _Slot:
@@ -131,8 +139,21 @@ class _Slot:
         return cls(
             SLOT(int(location["slot"], 16)),
             location.get("pin_policy", "always"),
-            location.get("touch_policy", "never"),
+            location.get("touch_policy", "unknown"),
         )
+
+    @property
+    def touch(self) -> bool:
+        return self.touch_policy != "never"
+
+
+@dataclass(frozen=True)
+class _Found:
+    """An occupied slot as the card describes it (adoption)."""
+
+    slot: _Slot
+    origin: str  # generated, imported, unknown (before firmware 5.3)
+    public_key: PublicKeyTypes
 
 
 class YubiKeyBackend(Backend):
@@ -145,17 +166,16 @@ class YubiKeyBackend(Backend):
         self._key_name = name
         self._config = config
         self._serial = config.serial
+        self._who = piv.device_name(config.serial)
         # Read now, so that a missing or unsafe secret file stops the start.
         self._secrets = load_secrets(name, config)
         self._roots, self._intermediates = load_trust(config)
         self._device = YubiKeyDevice(config.serial, config.reader)
         self._state_lock = threading.Lock()
         self._disarmed = ""  # why keyd stopped using the PIN; "" while armed
+        self._refused_pin = b""  # digest of the PIN the card refused, if it did
+        self._arming = 0  # counts re-armings: a refusal seen under an older one is stale
         self._pin_epoch = -1  # the device epoch in which the PIN was last verified
-
-    @property
-    def _who(self) -> str:
-        return f"YubiKey with serial {self._serial}"
 
     # -- PIN -----------------------------------------------------------------------
 
@@ -166,18 +186,24 @@ class YubiKeyBackend(Backend):
         with self._state_lock:
             if self._disarmed:
                 raise piv.PinLocked(self._disarmed)
+            arming, pin = self._arming, self._secrets.pin
         try:
             yield
         except piv.PinLocked as exc:
+            refused = "refused keyd's PIN" in exc.message
             with self._state_lock:
-                self._disarmed = (
-                    f"{exc.message}. keyd stopped using this PIN; re-arm with "
-                    "`systemctl reload keyd` (SIGHUP)"
-                )
-                message = self._disarmed
+                if self._arming == arming:  # not re-armed meanwhile
+                    self._disarmed = (
+                        f"{exc.message}. keyd stopped using the PIN; after fixing the PIN "
+                        "file, re-arm with `systemctl reload keyd` (SIGHUP)"
+                        if refused
+                        else exc.message
+                    )
+                    self._refused_pin = _digest(pin) if refused else b""
+                message = self._disarmed or exc.message
             log.error(
-                "YubiKey PIN refused or nearly blocked; backend disarmed",
-                extra={"backend": self.name, "serial": self._serial},
+                "YubiKey PIN not used any more; backend disarmed",
+                extra={"backend": self.name, "serial": self._serial, "reason": exc.message},
             )
             raise piv.PinLocked(message) from None
 
@@ -191,21 +217,45 @@ class YubiKeyBackend(Backend):
             )
         self._pin_epoch = self._device.epoch
 
-    def _pin_for(self, session: PivSession, where: _Slot) -> None:
-        """Verify the PIN if the slot needs it now: ONCE after each (re)opening."""
-        if where.pin_policy == "once" and self._pin_epoch != self._device.epoch:
-            self._verify_pin(session)
-
     def reload(self) -> None:
-        """Re-read the PIN and management key, and re-arm."""
+        """Re-read the PIN and management key, and re-arm, unless the PIN is still the
+        one the card refused (under systemd, credentials are read only at start)."""
         fresh = load_secrets(self._key_name, self._config)
         with self._state_lock:
+            if self._refused_pin and _digest(fresh.pin) == self._refused_pin:
+                log.error(
+                    "YubiKey stays disarmed: the PIN is still the one the card refused "
+                    "(a systemd credential is read at start: restart keyd to read a new one)",
+                    extra={"backend": self.name},
+                )
+                return
             self._secrets = fresh
             was = self._disarmed
             self._disarmed = ""
-        self._pin_epoch = -1
+            self._refused_pin = b""
+            self._arming += 1
+            self._pin_epoch = -1
         if was:
             log.info("YubiKey PIN re-armed", extra={"backend": self.name})
+
+    # -- running things on the card --------------------------------------------------------
+
+    def _run(self, operation: Callable[[PivSession], T], action: str) -> T:
+        """device.run, with the card's own refusals as keyd errors (FAILED_PRECONDITION)
+        rather than INTERNAL."""
+        try:
+            return self._device.run(operation)
+        except ApduError as exc:
+            raise FailedPrecondition(
+                f"{self._who} refused to {action} (status {exc.sw:04x})"
+            ) from None
+        except BadResponseError as exc:
+            raise Unavailable(f"{self._who} gave a malformed answer ({exc}); retry") from None
+
+    def _touch_notice(self, where: _Slot) -> Callable[[], None] | None:
+        if not where.touch:
+            return None
+        return functools.partial(notice.touch_needed, self._who)
 
     # -- keys ------------------------------------------------------------------------
 
@@ -219,10 +269,7 @@ class YubiKeyBackend(Backend):
 
     def generate(self, key_type: KeyType, *, role: str = "", slot: str = "") -> GeneratedKey:
         where = self._slot_named(slot or self._config.slot_for(role))
-        pin_policy = _PIN_POLICIES[self._config.pin_policy]
-        touch_policy = _TOUCH_POLICIES[self._config.touch_policy]
-        if touch_policy is not TOUCH_POLICY.NEVER:
-            notice.touch_needed(self._who)  # the self-signed certificate needs one
+        asked = _Slot(where, self._config.pin_policy.value, self._config.touch_policy.value)
 
         def create(session: PivSession) -> tuple[GeneratedKey, attestation.Attestation]:
             with self._pin_use():
@@ -230,50 +277,48 @@ class YubiKeyBackend(Backend):
                     session,
                     where,
                     key_type,
-                    pin_policy=pin_policy,
-                    touch_policy=touch_policy,
+                    pin_policy=_PIN_POLICIES[self._config.pin_policy],
+                    touch_policy=_TOUCH_POLICIES[self._config.touch_policy],
                     secrets=self._secrets,
                     min_attempts=self._config.min_pin_attempts,
                     serial=self._serial,
+                    before_touch=self._touch_notice(asked),
                 )
             self._pin_epoch = self._device.epoch
-            facts = self._attest(session, where, public)
-            location = self._location(
-                where,
-                pin=self._config.pin_policy.value,
-                touch=self._config.touch_policy.value,
-                origin="generated",
-                facts=facts,
-            )
+            facts = self._attest(session, asked, public)
+            # The card's own account of the policies where it gives one (5.3+).
+            applied = self._policies(session, where) or asked
+            location = self._location(applied, origin="generated", facts=facts)
             return GeneratedKey(PublicKey.from_crypto(public), location=location), facts
 
-        try:
-            generated, facts = self._device.run(create)
-        except ApduError as exc:
-            raise FailedPrecondition(
-                f"{self._who} refused to make a key in slot {where:02x} (status {exc.sw:04x})"
-            ) from None
-        log.info(
+        generated, facts = self._run(create, f"make a key in slot {where:02x}")
+        (log.info if facts.verified else log.warning)(
             "key generated on YubiKey",
-            extra={
-                "backend": self.name,
-                "slot": f"{where:02x}",
-                "attestation": facts.detail,
-            },
+            extra={"backend": self.name, "slot": f"{where:02x}", "attestation": facts.detail},
         )
         if self._config.require_attestation and not facts.verified:
-            self._wipe(where)
+            self._wipe(where, generated.public_key)
             raise FailedPrecondition(
                 f"the key made in slot {where:02x} of {self._who} failed attestation "
                 f"({facts.detail}); it was destroyed. Check attestation_roots, or the device"
             )
         return generated
 
-    def _attest(
-        self, session: PivSession, where: SLOT, public: PublicKeyTypes
-    ) -> attestation.Attestation:
+    def _policies(self, session: PivSession, where: SLOT) -> _Slot | None:
         try:
-            statement = session.attest_key(where)
+            meta = session.get_slot_metadata(where)
+        except NotSupportedError:
+            return None
+        return _Slot(where, *_named_policies(where, meta.pin_policy, meta.touch_policy))
+
+    def _attest(
+        self, session: PivSession, where: _Slot | SLOT, public: PublicKeyTypes
+    ) -> attestation.Attestation:
+        """Verify the card's attestation of the key; with a _Slot, the card must also have
+        applied its policies."""
+        slot = where.slot if isinstance(where, _Slot) else where
+        try:
+            statement = session.attest_key(slot)
             device = session.get_certificate(SLOT.ATTESTATION)
         except (ApduError, NotSupportedError) as exc:
             why = f"status {exc.sw:04x}" if isinstance(exc, ApduError) else str(exc)
@@ -287,22 +332,18 @@ class YubiKeyBackend(Backend):
             roots=self._roots,
             intermediates=self._intermediates,
             serial=self._serial,
+            pin_policy=where.pin_policy if isinstance(where, _Slot) else "",
+            touch_policy=where.touch_policy if isinstance(where, _Slot) else "",
         )
 
     def _location(
-        self,
-        where: SLOT,
-        *,
-        pin: str,
-        touch: str,
-        origin: str,
-        facts: attestation.Attestation,
+        self, where: _Slot, *, origin: str, facts: attestation.Attestation
     ) -> dict[str, str]:
         return {
             "serial": str(self._serial),
-            "slot": f"{where:02x}",
-            "pin_policy": pin,
-            "touch_policy": touch,
+            "slot": f"{where.slot:02x}",
+            "pin_policy": where.pin_policy,
+            "touch_policy": where.touch_policy,
             "origin": origin,
             **facts.as_location(),
         }
@@ -316,17 +357,14 @@ class YubiKeyBackend(Backend):
         where = self._slot_named(ref.id)
 
         def read(session: PivSession) -> tuple[GeneratedKey, bool]:
-            pin, touch, origin, public = self._slot_facts(session, where)
-            key_type = _KEY_TYPES.get(KEY_TYPE.from_public_key(public))
+            found = self._found(session, where)
+            key_type = _KEY_TYPES.get(KEY_TYPE.from_public_key(found.public_key))
             if key_type is None:
                 raise FailedPrecondition(
                     f"slot {where:02x} of {self._who} holds a key type keyd does not use"
                 )
-            location_slot = _Slot(where, pin, touch)
-            if touch != "never":
-                notice.touch_needed(self._who)
             challenge = SignInput.of_message(secrets.token_bytes(32))
-            if pin != "never":
+            if found.slot.pin_policy != "never":
                 self._verify_pin(session)
             signature = piv.sign(
                 session,
@@ -334,23 +372,20 @@ class YubiKeyBackend(Backend):
                 key_type,
                 challenge.payload,
                 prehashed=False,
-                pin=None,
-                min_attempts=self._config.min_pin_attempts,
                 serial=self._serial,
+                before_touch=self._touch_notice(found.slot),
             )
-            key = PublicKey.from_crypto(public)
+            key = PublicKey.from_crypto(found.public_key)
             proven = key.verify(signature, challenge, SignatureEncoding.DER)
             facts = (
-                self._attest(session, where, public)
-                if origin != "imported"
+                self._attest(session, found.slot, found.public_key)
+                if found.origin != "imported"
                 else attestation.Attestation(False, "imported into the card: not attestable")
             )
-            location = self._location(
-                location_slot.slot, pin=pin, touch=touch, origin=origin, facts=facts
-            )
+            location = self._location(found.slot, origin=found.origin, facts=facts)
             return GeneratedKey(key, location=location), proven
 
-        generated, proven = self._device.run(read)
+        generated, proven = self._run(read, f"read the key in slot {where:02x}")
         if not proven:
             raise FailedPrecondition(
                 f"the certificate in slot {where:02x} of {self._who} does not belong to the "
@@ -358,31 +393,33 @@ class YubiKeyBackend(Backend):
             )
         return generated
 
-    def _slot_facts(self, session: PivSession, where: SLOT) -> tuple[str, str, str, PublicKeyTypes]:
-        """PIN policy, touch policy, origin and public key of an occupied slot."""
+    def _found(self, session: PivSession, where: SLOT) -> _Found:
+        """An occupied slot's key and policies. Before firmware 5.3 the public key comes
+        from the certificate, and the policies from the attestation statement if the
+        card gives one; otherwise keyd assumes the strictest (PIN always, a touch)."""
         try:
             meta = session.get_slot_metadata(where)
         except ApduError as exc:
             if exc.sw == SW.REFERENCE_DATA_NOT_FOUND:
                 raise InvalidArgument(f"slot {where:02x} of {self._who} is empty") from None
             raise
-        except NotSupportedError:  # before 5.3: only the certificate tells
+        except NotSupportedError:
             try:
-                certificate = session.get_certificate(where)
+                public = session.get_certificate(where).public_key()
             except ApduError:
                 raise InvalidArgument(
                     f"slot {where:02x} of {self._who} has no certificate, and this firmware "
                     "cannot report its public key otherwise"
                 ) from None
-            pin = _DEFAULT_PIN.get(where, "once")
-            return pin, "never", "unknown", certificate.public_key()
-        pin = meta.pin_policy.name.lower()
-        touch = meta.touch_policy.name.lower()
-        if pin == "default":
-            pin = _DEFAULT_PIN.get(where, "once")
-        if touch == "default":
-            touch = "never"
-        return pin, touch, "generated" if meta.generated else "imported", meta.public_key
+            try:
+                stated = attestation.statement_facts(session.attest_key(where))
+            except ApduError:
+                return _Found(_Slot(where, "always", "unknown"), "unknown", public)
+            pin, touch = stated.pin_policy or "always", stated.touch_policy or "unknown"
+            return _Found(_Slot(where, pin, touch), "generated", public)
+        pin, touch = _named_policies(where, meta.pin_policy, meta.touch_policy)
+        origin = "generated" if meta.generated else "imported"
+        return _Found(_Slot(where, pin, touch), origin, meta.public_key)
 
     def _where(self, record: KeyRecord) -> _Slot:
         serial = record.location.get("serial", "")
@@ -395,15 +432,14 @@ class YubiKeyBackend(Backend):
 
     def sign(self, record: KeyRecord, payloads: Sequence[bytes], *, prehashed: bool) -> list[bytes]:
         where = self._where(record)
-        always = where.pin_policy == "always"
-        if where.touch_policy != "never":
-            notice.touch_needed(self._who)
+        before_touch = self._touch_notice(where)
 
         def sign(session: PivSession) -> list[bytes]:
-            self._pin_for(session, where)
+            if where.pin_policy == "once" and self._pin_epoch != self._device.epoch:
+                self._verify_pin(session)
             signatures = []
             for payload in payloads:
-                if always:
+                if where.pin_policy == "always":
                     self._verify_pin(session)
                 signatures.append(
                     piv.sign(
@@ -412,14 +448,17 @@ class YubiKeyBackend(Backend):
                         record.key_type,
                         payload,
                         prehashed=prehashed,
-                        pin=None,
-                        min_attempts=self._config.min_pin_attempts,
                         serial=self._serial,
+                        before_touch=before_touch,
                     )
                 )
             return signatures
 
-        return self._device.run(sign)
+        try:
+            return self._run(sign, f"sign with the key in slot {where.slot:02x}")
+        except piv.PinStateLost:
+            self._pin_epoch = -1  # verify again next time
+            raise
 
     def describe(self, record: KeyRecord) -> Mapping[str, str]:
         """What the card says now: is the key still there, PIN attempts left."""
@@ -441,6 +480,8 @@ class YubiKeyBackend(Backend):
             return self._device.run(read, wait=_HEALTH_WAIT)
         except KeydError as exc:
             return {"device_status": exc.message}
+        except ApduError as exc:
+            return {"device_status": f"the card refused to describe the key ({exc.sw:04x})"}
 
     def delete(self, record: KeyRecord) -> None:
         # Forgotten, not destroyed: a root key destroyed by mistake cannot come back.
@@ -450,13 +491,24 @@ class YubiKeyBackend(Backend):
         )
 
     def destroy(self, record: KeyRecord) -> None:
-        self._wipe(self._where(record).slot)
+        self._wipe(self._where(record).slot, record.public_key)
+        log.warning(
+            "YubiKey key destroyed",
+            extra={"backend": self.name, "key_id": record.key_id},
+        )
 
-    def _wipe(self, where: SLOT) -> None:
-        """Remove the key in `where` and its certificate. Before firmware 5.7 a card
-        cannot delete a key: a fresh key is generated over it and never recorded."""
+    def _wipe(self, where: SLOT, expected: PublicKey) -> None:
+        """Remove the key in `where` and its certificate, if it is still `expected`:
+        whatever else the slot holds now is refused, never destroyed. Before firmware 5.7
+        a card cannot delete a key: a fresh key is generated over it and never recorded."""
 
         def wipe(session: PivSession) -> None:
+            present = self._found(session, where).public_key
+            if PublicKey.from_crypto(present) != expected:
+                raise FailedPrecondition(
+                    f"slot {where:02x} of {self._who} holds another key than the one keyd "
+                    "recorded; nothing was destroyed"
+                )
             with self._pin_use():
                 piv.authenticate(
                     session,
@@ -471,8 +523,7 @@ class YubiKeyBackend(Backend):
             with contextlib.suppress(ApduError):  # no certificate: nothing to delete
                 session.delete_certificate(where)
 
-        self._device.run(wipe)
-        log.warning("YubiKey key destroyed", extra={"backend": self.name, "slot": f"{where:02x}"})
+        self._run(wipe, f"destroy the key in slot {where:02x}")
 
     # -- state ---------------------------------------------------------------------------
 
@@ -496,6 +547,8 @@ class YubiKeyBackend(Backend):
             return BackendHealth(self.name, True, exc.message, "busy")
         except Unavailable as exc:
             return BackendHealth(self.name, False, exc.message, "absent")
+        except ApduError as exc:
+            return BackendHealth(self.name, False, f"card error {exc.sw:04x}", "error")
         return BackendHealth(self.name, True, detail, "connected")
 
     def warm_up(self) -> None:
@@ -504,3 +557,14 @@ class YubiKeyBackend(Backend):
 
     def close(self) -> None:
         self._device.close()
+
+
+def _digest(pin: str) -> bytes:
+    return hashlib.sha256(pin.encode()).digest()
+
+
+def _named_policies(where: SLOT, pin: PIN_POLICY, touch: TOUCH_POLICY) -> tuple[str, str]:
+    """The card's policies as keyd names them; DEFAULT resolved as the card does."""
+    pin_name = _DEFAULT_PIN.get(where, "once") if pin is PIN_POLICY.DEFAULT else pin.name.lower()
+    touch_name = "never" if touch is TOUCH_POLICY.DEFAULT else touch.name.lower()
+    return pin_name, touch_name

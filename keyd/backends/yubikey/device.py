@@ -3,12 +3,14 @@
 keyd opens the PC/SC connection itself (not through ykman's device layer, which kills
 scdaemon when it cannot connect) and in exclusive mode, so no other program talks to
 the card between keyd's PIN check and its signature. One lock serialises every use.
+When keyd lets go of its card, the card is reset, so no PIN-verified state is left
+behind for the next program.
 
 Choosing the card: with `reader` set, only that reader is opened. Without it keyd
-opens each reader whose name contains "yubico", reads the card's serial and lets go
-of any card that is not the configured one. Reading a serial selects the PIV
-application, which resets that card's PIN-verified state for other programs: set
-`reader` to leave other YubiKeys on the machine entirely alone.
+looks at each reader whose name contains "yubico" in shared mode, reads the card's
+serial, and leaves any card that is not the configured one as it was (no power cycle).
+Reading a serial selects the PIV application, which resets that card's PIN-verified
+state for other programs: set `reader` to leave other YubiKeys entirely alone.
 """
 
 from __future__ import annotations
@@ -21,8 +23,14 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from smartcard.CardConnection import CardConnection
-from smartcard.Exceptions import CardConnectionException, NoCardException
-from smartcard.scard import SCARD_SHARE_EXCLUSIVE
+from smartcard.Exceptions import CardConnectionException, NoCardException, SmartcardException
+from smartcard.pcsc.PCSCExceptions import BaseSCardException
+from smartcard.scard import (
+    SCARD_LEAVE_CARD,
+    SCARD_RESET_CARD,
+    SCARD_SHARE_EXCLUSIVE,
+    SCARD_SHARE_SHARED,
+)
 from smartcard.System import readers as pcsc_readers
 from yubikit.core import TRANSPORT
 from yubikit.core.smartcard import SmartCardConnection
@@ -35,13 +43,21 @@ REOPEN_SECONDS = 2.0
 _YUBICO = "yubico"
 
 
-class _ExclusiveConnection(SmartCardConnection):
-    """A pyscard connection opened in exclusive mode, as yubikit's transport."""
+class _Connection(SmartCardConnection):
+    """A pyscard connection as yubikit's transport; counts the exchanges that worked."""
 
-    def __init__(self, connection: CardConnection) -> None:
-        connection.connect(mode=SCARD_SHARE_EXCLUSIVE)
+    def __init__(self, connection: CardConnection, *, exclusive: bool) -> None:
+        if exclusive:
+            connection.connect(mode=SCARD_SHARE_EXCLUSIVE, disposition=SCARD_RESET_CARD)
+        else:
+            connection.connect(mode=SCARD_SHARE_SHARED, disposition=SCARD_LEAVE_CARD)
         self._connection = connection
-        atr = connection.getATR()
+        self.exchanges = 0
+        try:
+            atr = connection.getATR()
+        except SmartcardException:
+            self.close()
+            raise
         # How yubikit itself tells USB from NFC (the ATR's interface bytes).
         self._transport = TRANSPORT.USB if atr and atr[1] & 0xF0 == 0xF0 else TRANSPORT.NFC
 
@@ -51,6 +67,7 @@ class _ExclusiveConnection(SmartCardConnection):
 
     def send_and_receive(self, apdu: bytes) -> tuple[bytes, int]:
         data, sw1, sw2 = self._connection.transmit(list(apdu))
+        self.exchanges += 1
         return bytes(data), sw1 << 8 | sw2
 
     def close(self) -> None:
@@ -58,7 +75,8 @@ class _ExclusiveConnection(SmartCardConnection):
             self._connection.disconnect()
         release = getattr(self._connection, "release", None)
         if release is not None:
-            release()
+            with contextlib.suppress(SmartcardException, BaseSCardException):
+                release()
 
 
 class DeviceBusy(Unavailable):
@@ -68,7 +86,7 @@ class DeviceBusy(Unavailable):
 @dataclass(frozen=True)
 class Opened:
     reader: str
-    connection: SmartCardConnection
+    connection: _Connection
     session: PivSession
 
 
@@ -89,31 +107,34 @@ class YubiKeyDevice:
         return self._opened.reader if self._opened else ""
 
     def run(self, operation: Callable[[PivSession], T], *, wait: float | None = None) -> T:
-        """Run `operation` on the card with the lock held. If the card went away or was
-        reset (the connection fails), it is found again once and `operation` retried;
-        the operation must therefore start from scratch (select, PIN) each time.
-        With `wait`, give up (Unavailable) when the card stays busy that long."""
+        """Run `operation` on the card with the lock held. If the connection turns out to
+        be dead at the operation's first exchange (the card was removed or reset since
+        the last use), the card is found again and `operation` run once more from the
+        start. A failure after the card has answered part of an operation is never
+        retried: the card may have acted (a key made, a PIN attempt counted).
+        With `wait`, give up (DeviceBusy) when the card stays busy that long."""
         if not self._lock.acquire(timeout=-1 if wait is None else wait):
             raise DeviceBusy(f"YubiKey with serial {self.serial} is busy (waiting for a touch?)")
         try:
             for attempt in (1, 2):
                 opened = self._opened or (self._open() if attempt == 1 else self._reopen())
+                before = opened.connection.exchanges
                 try:
                     return operation(opened.session)
                 except (CardConnectionException, NoCardException):
                     self._close()
-                    if attempt == 2:
+                    if attempt == 2 or opened.connection.exchanges > before:
                         raise Unavailable(
-                            f"YubiKey with serial {self.serial} was removed or reset; "
-                            "insert it and retry"
+                            f"YubiKey with serial {self.serial} was removed or reset during "
+                            "the operation; insert it and retry"
                         ) from None
         finally:
             self._lock.release()
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _reopen(self) -> Opened:
-        """Find the card again after it failed mid-operation. A reset card takes a
-        moment to come back to PC/SC, so keep looking for up to REOPEN_SECONDS."""
+        """Find the card again after its connection died. A reset card takes a moment
+        to come back to PC/SC, so keep looking for up to REOPEN_SECONDS."""
         deadline = time.monotonic() + REOPEN_SECONDS
         while True:
             try:
@@ -133,33 +154,57 @@ class YubiKeyDevice:
             self._opened = None
 
     def _open(self) -> Opened:
-        names = [r for r in pcsc_readers() if self._considered(str(r))]
+        try:
+            names = [r for r in pcsc_readers() if self._considered(str(r))]
+        except (SmartcardException, BaseSCardException) as exc:
+            raise Unavailable(
+                f"cannot reach pcscd to find YubiKey with serial {self.serial} ({exc}); is "
+                "pcscd running, and may keyd use it?"
+            ) from None
         busy = []
         for reader in names:
             try:
-                connection = _ExclusiveConnection(reader.createConnection())
+                if not self.reader and self._serial_in(reader) != self.serial:
+                    continue
+                opened = self._exclusive(reader)
             except NoCardException:
                 continue
             except CardConnectionException:
                 busy.append(str(reader))  # another program holds it (exclusively)
                 continue
-            try:
-                session = PivSession(connection)
-                serial = session.get_serial()
-            except Exception:  # noqa: BLE001 - not a YubiKey PIV we can read: not ours
-                connection.close()
-                continue
-            if serial == self.serial:
+            if opened is not None:
                 self.epoch += 1
-                self._opened = Opened(str(reader), connection, session)
-                return self._opened
-            connection.close()
+                self._opened = opened
+                return opened
         where = f"reader {self.reader!r}" if self.reader else "any Yubico reader"
         detail = f"; busy (held by another program): {', '.join(busy)}" if busy else ""
         raise Unavailable(
             f"YubiKey with serial {self.serial} not found in {where}{detail}. Insert it, "
             "or check [yubikey] serial and reader"
         )
+
+    def _serial_in(self, reader: object) -> int | None:
+        """The serial of the card in `reader`, read in shared mode and left as it was."""
+        connection = _Connection(reader.createConnection(), exclusive=False)  # type: ignore[attr-defined]
+        try:
+            return PivSession(connection).get_serial()
+        except Exception:  # noqa: BLE001 - not a YubiKey PIV we can read: not ours
+            return None
+        finally:
+            connection.close()
+
+    def _exclusive(self, reader: object) -> Opened | None:
+        connection = _Connection(reader.createConnection(), exclusive=True)  # type: ignore[attr-defined]
+        try:
+            session = PivSession(connection)
+            serial = session.get_serial()
+        except Exception:  # noqa: BLE001 - not a YubiKey PIV we can read: not ours
+            connection.close()
+            return None
+        if serial != self.serial:
+            connection.close()
+            return None
+        return Opened(str(reader), connection, session)
 
     def _considered(self, name: str) -> bool:
         if self.reader:
