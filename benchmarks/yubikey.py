@@ -67,13 +67,14 @@ def _pending_yubikey_sign(rig: YubiKeyRig, daemon: Daemon, key_id: str) -> Itera
 
     thread = threading.Thread(target=sign)
     thread.start()
-    asked.wait(30)
     try:
+        if not asked.wait(30):
+            raise RuntimeError(f"the YubiKey signature did not start waiting: {failures}")
         yield
     finally:
         rig.touch(1, seconds=2.0)
         thread.join()
-    if failures or not asked.is_set():
+    if failures:
         raise RuntimeError(f"the pending YubiKey signature failed: {failures}")
 
 
@@ -81,11 +82,17 @@ def _pending_yubikey_sign(rig: YubiKeyRig, daemon: Daemon, key_id: str) -> Itera
 def _busy_yubikey(daemon: Daemon, key_id: str) -> Iterator[None]:
     """YubiKey signatures back to back for as long as the block runs."""
     stop = threading.Event()
+    signed: list[int] = [0]
+    failures: list[BaseException] = []
 
     def loop() -> None:
-        with daemon.client() as client:
-            while not stop.is_set():
-                client.sign(key_id, PAYLOAD)
+        try:
+            with daemon.client() as client:
+                while not stop.is_set():
+                    client.sign(key_id, PAYLOAD)
+                    signed[0] += 1
+        except BaseException as exc:  # noqa: BLE001 - reported after the block
+            failures.append(exc)
 
     thread = threading.Thread(target=loop)
     thread.start()
@@ -94,6 +101,8 @@ def _busy_yubikey(daemon: Daemon, key_id: str) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
+    if failures or not signed[0]:
+        raise RuntimeError(f"the YubiKey was not signing during the measurement: {failures}")
 
 
 def yubikey_signing(report: Report, work: Path, runs: int, seconds: float) -> None:

@@ -83,6 +83,7 @@ def test_callers_are_serialised(rig: PcscRig) -> None:
     device = YubiKeyDevice(NEW)
     inside = 0
     most = 0
+    serials: list[int] = []
     guard = threading.Lock()
 
     def operation(session: object) -> None:
@@ -90,9 +91,9 @@ def test_callers_are_serialised(rig: PcscRig) -> None:
         with guard:
             inside += 1
             most = max(most, inside)
-        device_serial = session.get_serial()  # type: ignore[attr-defined]
-        assert device_serial == NEW
+        serial = session.get_serial()  # type: ignore[attr-defined]
         with guard:
+            serials.append(serial)
             inside -= 1
 
     threads = [threading.Thread(target=device.run, args=(operation,)) for _ in range(8)]
@@ -101,4 +102,5 @@ def test_callers_are_serialised(rig: PcscRig) -> None:
     for t in threads:
         t.join(60)
     device.close()
+    assert serials == [NEW] * 8  # every caller ran, on the right card
     assert most == 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -116,13 +115,13 @@ class YubiKeyRig:
         """A finger on card `index` for `seconds`, from now, as a user told to touch it
         would. A YubiKey (and the emulator) counts a touch only while it waits for one;
         the bridge turns each SIGUSR1 into a touch."""
-        pid = self.pcsc.bridges[index].pid
+        bridge = self.pcsc.bridges[index]
 
         def press() -> None:
             deadline = time.monotonic() + seconds
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and bridge.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGUSR1)
+                    bridge.send_signal(signal.SIGUSR1)
                 time.sleep(0.05)
 
         finger = threading.Thread(target=press, daemon=True)
