@@ -10,7 +10,6 @@ Same client, ECDSA P-256 store keys, 1 KiB payloads. Floor: on >= 0.8x off.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 
@@ -18,12 +17,11 @@ import grpc
 
 from benchmarks.core import (
     BATCH,
-    CALLERS,
     PAYLOAD,
     Report,
     batch_rate,
-    concurrent_rate,
     sequential_latency_ms,
+    unary_sign_rate,
 )
 from keyd.core.keytypes import KeyType
 from keyd.v1 import keyd_pb2 as pb
@@ -50,20 +48,13 @@ def _measure(report: Report, d: Daemon, tag: str, runs: int, seconds: float) -> 
     request = pb.SignRequest(key_id=key_id, message=PAYLOAD)
     batch = pb.SignBatchRequest(requests=[request] * BATCH)
 
-    async def concurrent() -> float:
-        async with grpc.aio.insecure_channel(f"unix:{d.socket}") as channel:
-            signer = pb_grpc.SignServiceStub(channel)
-
-            async def call() -> object:
-                return await signer.Sign(request)
-
-            await concurrent_rate(call, CALLERS, 0.5)  # warm-up
-            return await concurrent_rate(call, CALLERS, seconds)
-
     name = "on" if tag == "on" else "off"
     for _ in range(runs):
         report.add(
-            f"sign16_{tag}", f"Sign, 16 callers, access {name}", "/s", asyncio.run(concurrent())
+            f"sign16_{tag}",
+            f"Sign, 16 callers, access {name}",
+            "/s",
+            unary_sign_rate(d.socket, request, seconds),
         )
     with grpc.insecure_channel(f"unix:{d.socket}") as channel:
         signer = pb_grpc.SignServiceStub(channel)

@@ -122,6 +122,23 @@ async def concurrent_rate(
     return count / (time.perf_counter() - start)
 
 
+def unary_sign_rate(socket: Path, request: pb.SignRequest, seconds: float) -> float:
+    """Unary Sign calls per second from CALLERS concurrent aio callers on one channel,
+    after a short warm-up."""
+
+    async def measure() -> float:
+        async with grpc.aio.insecure_channel(f"unix:{socket}") as channel:
+            signer = pb_grpc.SignServiceStub(channel)
+
+            async def call() -> object:
+                return await signer.Sign(request)
+
+            await concurrent_rate(call, CALLERS, 0.5)  # warm-up
+            return await concurrent_rate(call, CALLERS, seconds)
+
+    return asyncio.run(measure())
+
+
 def sequential_latency_ms(call: Callable[[], object], n: int) -> tuple[float, float]:
     times = []
     for _ in range(n):

@@ -15,40 +15,22 @@ Needs root (the PC/SC rig's namespaces); without it the part says why and is ski
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
-
-from benchmarks.core import CALLERS, PAYLOAD, Report, concurrent_rate, sequential_latency_ms
+from benchmarks.core import PAYLOAD, Report, sequential_latency_ms, unary_sign_rate
 from keyd.client import Client
 from keyd.core.keytypes import KeyType
 from keyd.v1 import keyd_pb2 as pb
-from keyd.v1 import keyd_pb2_grpc as pb_grpc
 from tests.harness import Daemon
 from tests.piv.rig import Card, missing
 from tests.piv.yubikey_daemon import YubiKeyRig
 
 _LATENCY_SIGNS = 200
 _TOUCH_WAIT = 600.0  # the pending signature's card waits this long unless touched
-
-
-def _store_rate(socket: Path, request: pb.SignRequest, seconds: float) -> float:
-    async def measure() -> float:
-        async with grpc.aio.insecure_channel(f"unix:{socket}") as channel:
-            signer = pb_grpc.SignServiceStub(channel)
-
-            async def call() -> object:
-                return await signer.Sign(request)
-
-            await concurrent_rate(call, CALLERS, 0.3)  # warm-up
-            return await concurrent_rate(call, CALLERS, seconds)
-
-    return asyncio.run(measure())
 
 
 @contextlib.contextmanager
@@ -129,21 +111,21 @@ def yubikey_signing(report: Report, work: Path, runs: int, seconds: float) -> No
             _latencies(report, client, keys, store_key, runs)
         request = pb.SignRequest(key_id=store_key, message=PAYLOAD)
         for _ in range(runs):  # interleaved, so drift hits every condition alike
-            idle = _store_rate(daemon.socket, request, seconds)
+            idle = unary_sign_rate(daemon.socket, request, seconds)
             report.add("yk_idle", "store Sign, 16 callers, YubiKey idle", "/s", idle)
             with _pending_yubikey_sign(rig, daemon, touch_key):
                 report.add(
                     "yk_pending",
                     "store Sign, 16 callers, a YubiKey sign in progress",
                     "/s",
-                    _store_rate(daemon.socket, request, seconds),
+                    unary_sign_rate(daemon.socket, request, seconds),
                 )
             with _busy_yubikey(daemon, keys[KeyType.ECDSA_P256]):
                 report.add(
                     "yk_busy",
                     "store Sign, 16 callers, YubiKey signing back to back",
                     "/s",
-                    _store_rate(daemon.socket, request, seconds),
+                    unary_sign_rate(daemon.socket, request, seconds),
                 )
     finally:
         rig.stop()

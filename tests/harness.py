@@ -62,6 +62,21 @@ def run_keyd(
     )
 
 
+def wait_for_backend(client: Client, backend: str, state: str, timeout: float = 20) -> str:
+    """Poll status until `backend` is in `state` (connected, absent, locked...); returns
+    its detail."""
+    deadline = time.monotonic() + timeout
+    seen = ""
+    while time.monotonic() < deadline:
+        for b in client.status().backends:
+            if b.name == backend:
+                seen = f"{b.state}: {b.detail}"
+                if b.state == state:
+                    return b.detail
+        time.sleep(0.1)
+    raise AssertionError(f"{backend} never became {state}; last: {seen}")
+
+
 def allow_everything(uid: int) -> str:
     """A policy granting one uid every operation on every key."""
     return (

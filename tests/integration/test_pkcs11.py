@@ -27,7 +27,7 @@ from pkcs11 import exceptions as p11_errors
 from keyd.client import Client, SignItem
 from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.errors import FailedPrecondition, InvalidArgument, Unavailable
-from tests.harness import Daemon, keyd_command, run_callers, run_keyd
+from tests.harness import Daemon, keyd_command, run_callers, run_keyd, wait_for_backend
 from tests.softhsm import USER_PIN, SoftHSM, spy_module
 from tests.verify import independent_verify
 
@@ -56,20 +56,6 @@ def token_table(
         lines.append(f'token_serial = "{serial}"')
     lines.append("reconnect_seconds = 0.2")
     return "\n".join(lines) + "\n" + extra
-
-
-def wait_for_state(client: Client, backend: str, state: str, timeout: float = 20) -> str:
-    """Poll status until the backend reaches `state`; returns its detail."""
-    deadline = time.monotonic() + timeout
-    seen = ""
-    while time.monotonic() < deadline:
-        for b in client.status().backends:
-            if b.name == backend:
-                seen = f"{b.state}: {b.detail}"
-                if b.state == state:
-                    return b.detail
-        time.sleep(0.1)
-    raise AssertionError(f"{backend} never became {state}; last: {seen}")
 
 
 class Rig:
@@ -130,7 +116,7 @@ def shared_rig() -> Iterator[Rig]:
 def client(shared_rig: Rig) -> Iterator[Client]:
     assert shared_rig.daemon is not None
     with shared_rig.daemon.client() as c:
-        wait_for_state(c, "pkcs11:hsm", "connected")
+        wait_for_backend(c, "pkcs11:hsm", "connected")
         yield c
 
 
@@ -455,7 +441,7 @@ def test_absent_token_makes_only_its_keys_unavailable(rig: Rig) -> None:
     rig.hsm.init_token("present")
     daemon = rig.start(token_table("hsm", rig.hsm.module, rig.pin_file, label="not-plugged-in"))
     with daemon.client() as c:
-        detail = wait_for_state(c, "pkcs11:hsm", "absent")
+        detail = wait_for_backend(c, "pkcs11:hsm", "absent")
         assert "'not-plugged-in'" in detail
         assert "'present'" in detail  # what was found instead
         with pytest.raises(Unavailable, match="not-plugged-in"):
@@ -474,14 +460,14 @@ def test_label_matching_two_tokens_is_ambiguous(rig: Rig) -> None:
     tables += token_table("b", rig.hsm.module, rig.pin_file, label="twin", serial=second)
     daemon = rig.start(tables)
     with daemon.client() as c:
-        detail = wait_for_state(c, "pkcs11:a", "ambiguous")
+        detail = wait_for_backend(c, "pkcs11:a", "ambiguous")
         assert first in detail
         assert second in detail
         assert "token_serial" in detail
         with pytest.raises(Unavailable, match="matches 2 tokens"):
             c.create_key(KeyType.ECDSA_P256, backend="pkcs11:a")
         # The serial picks one; "pkcs11" alone is ambiguous with two tokens configured.
-        wait_for_state(c, "pkcs11:b", "connected")
+        wait_for_backend(c, "pkcs11:b", "connected")
         record = c.create_key(KeyType.ECDSA_P256, backend="pkcs11:b")
         assert record.location["token_serial"] == second
         with pytest.raises(InvalidArgument, match="ambiguous"):
@@ -504,7 +490,7 @@ def test_wrong_pin_is_tried_once_and_never_again(rig: Rig) -> None:
     )
     daemon.start(env={"PKCS11SPY": str(rig.hsm.module), "PKCS11SPY_OUTPUT": str(spy_log)})
     with daemon.client() as c:
-        detail = wait_for_state(c, "pkcs11:hsm", "locked")
+        detail = wait_for_backend(c, "pkcs11:hsm", "locked")
         assert "PinIncorrect" in detail
         assert "USER_PIN_COUNT_LOW" in detail  # the token's own flag, read back after the failure
         for _ in range(5):
@@ -528,7 +514,7 @@ def test_token_removed_while_serving_then_reinserted(rig: Rig) -> None:
     tables += token_table("fixed", rig.hsm.module, rig.pin_file, label="stays")
     daemon = rig.start(tables)
     with daemon.client() as c:
-        wait_for_state(c, "pkcs11:usb", "connected")
+        wait_for_backend(c, "pkcs11:usb", "connected")
         usb_key = c.create_key(KeyType.ECDSA_P256, backend="pkcs11:usb")
         fixed_key = c.create_key(KeyType.ECDSA_P256, backend="pkcs11:fixed")
         store_key = c.create_key(KeyType.ECDSA_P256)
@@ -538,7 +524,7 @@ def test_token_removed_while_serving_then_reinserted(rig: Rig) -> None:
         away = rig.hsm.remove_token(removable)
         with pytest.raises(Unavailable, match="usb"):
             c.sign(usb_key.key_id, MESSAGE)
-        wait_for_state(c, "pkcs11:usb", "absent")
+        wait_for_backend(c, "pkcs11:usb", "absent")
         # The other token on the same module and the store keep serving, even
         # though looking for the missing token reloads the module.
         for _ in range(3):
@@ -550,7 +536,7 @@ def test_token_removed_while_serving_then_reinserted(rig: Rig) -> None:
                 c.sign(usb_key.key_id, MESSAGE)
 
         rig.hsm.restore_token(away)
-        wait_for_state(c, "pkcs11:usb", "connected")
+        wait_for_backend(c, "pkcs11:usb", "connected")
         sig = c.sign(usb_key.key_id, MESSAGE)
         independent_verify(usb_key, sig.signature, MESSAGE, sig.encoding)
         sig = c.sign(fixed_key.key_id, MESSAGE)

@@ -17,9 +17,9 @@ import pytest
 from keyd.client import Client
 from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.errors import FailedPrecondition, InvalidArgument, Unavailable
-from tests.harness import keyd_command
+from tests.harness import keyd_command, wait_for_backend
 from tests.piv.rig import Card, missing
-from tests.piv.yubikey_daemon import YubiKeyRig, running_rig, wait_for_backend
+from tests.piv.yubikey_daemon import YubiKeyRig, running_rig
 from tests.verify import independent_verify
 
 pytestmark = pytest.mark.skipif(bool(missing()), reason=missing() or "rig available")

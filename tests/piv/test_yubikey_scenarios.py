@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from keyd.client import Client
 from keyd.core.keytypes import KeyType
 from keyd.errors import FailedPrecondition, InvalidArgument, Unavailable
-from tests.harness import keyd_command
+from tests.harness import keyd_command, wait_for_backend
 from tests.piv.rig import Card, missing
 from tests.piv.yubikey_daemon import (
     MANAGEMENT_KEY,
@@ -28,7 +28,6 @@ from tests.piv.yubikey_daemon import (
     YubiKeyRig,
     private_file,
     running_rig,
-    wait_for_backend,
 )
 from tests.verify import independent_verify
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from keyd.client import Client
 from tests.harness import Daemon
 from tests.piv.rig import Card, PcscRig
 
@@ -150,17 +149,3 @@ def running_rig(cards: list[Card]) -> Iterator[YubiKeyRig]:
         yield rig
     finally:
         rig.stop()
-
-
-def wait_for_backend(client: Client, backend: str, state: str, timeout: float = 20) -> str:
-    """Poll status until `backend` is in `state`; returns its detail."""
-    deadline = time.monotonic() + timeout
-    seen = ""
-    while time.monotonic() < deadline:
-        for b in client.status().backends:
-            if b.name == backend:
-                seen = f"{b.state}: {b.detail}"
-                if b.state == state:
-                    return b.detail
-        time.sleep(0.1)
-    raise AssertionError(f"{backend} never became {state}; last: {seen}")
