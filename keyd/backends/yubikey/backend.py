@@ -190,7 +190,7 @@ class YubiKeyBackend(Backend):
         try:
             yield
         except piv.PinLocked as exc:
-            refused = "refused keyd's PIN" in exc.message
+            refused = isinstance(exc, piv.PinRefused)
             with self._state_lock:
                 if self._arming == arming:  # not re-armed meanwhile
                     self._disarmed = (

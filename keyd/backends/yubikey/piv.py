@@ -80,6 +80,10 @@ class PinLocked(FailedPrecondition):
     """keyd will not try the PIN (refused once, or too few attempts left)."""
 
 
+class PinRefused(PinLocked):
+    """The card refused the PIN keyd holds (one attempt spent)."""
+
+
 class PinStateLost(Unavailable):
     """The card wanted a PIN keyd believed verified (the card was reset by someone)."""
 
@@ -110,7 +114,7 @@ def verify_pin(session: PivSession, pin: str, *, min_attempts: int, serial: int)
     try:
         session.verify_pin(pin)
     except InvalidPinError as exc:
-        raise PinLocked(
+        raise PinRefused(
             f"{who} refused keyd's PIN ({exc.attempts_remaining} attempts left); keyd will "
             "not try it again"
         ) from None
