@@ -20,9 +20,9 @@ from __future__ import annotations
 import argparse
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
-from types import FrameType
 
 from tests.piv.emulator import EmulatedCard
 
@@ -99,10 +99,17 @@ def main(argv: list[str] | None = None) -> None:
         on_touch=(lambda slot: True) if args.auto_touch else None,
     )
 
-    def touch(signum: int, frame: FrameType | None) -> None:
-        card.touch()
+    # SIGUSR1 is taken by a thread of its own, never by a handler on the main thread: a
+    # handler that calls card.touch() could interrupt the main thread while it holds the
+    # touch event's lock, take that lock again, and hang the card for good.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
 
-    signal.signal(signal.SIGUSR1, touch)
+    def touches() -> None:
+        while True:
+            signal.sigwait({signal.SIGUSR1})
+            card.touch()
+
+    threading.Thread(target=touches, name="touch", daemon=True).start()
     run(card, args.host, args.port)
 
 
