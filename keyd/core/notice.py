@@ -8,9 +8,8 @@ before a device operation that waits for a touch, and the caller learns it at on
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
+from collections.abc import Callable
+from contextvars import ContextVar, Token
 
 # Initial-metadata key that carries the notice: the device's name for a human
 # ("YubiKey with serial 12345678").
@@ -26,10 +25,11 @@ def touch_needed(device: str) -> None:
         listener(device)
 
 
-@contextlib.contextmanager
-def listening(listener: Callable[[str], None]) -> Iterator[None]:
-    token = _listener.set(listener)
-    try:
-        yield
-    finally:
-        _listener.reset(token)
+def listen(listener: Callable[[str], None]) -> Token[Callable[[str], None] | None]:
+    """Start listening for this request; pass the result to stop(). (A plain token
+    rather than a context manager: this runs on every request.)"""
+    return _listener.set(listener)
+
+
+def stop(token: Token[Callable[[str], None] | None]) -> None:
+    _listener.reset(token)

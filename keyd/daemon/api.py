@@ -50,13 +50,15 @@ def _rpc(
 ) -> Callable[[Any, Req, grpc.ServicerContext], Resp]:
     @functools.wraps(method)
     def handler(self: Any, request: Req, context: grpc.ServicerContext) -> Resp:
+        listening = notice.listen(_TouchNotice(context))
         try:
-            with notice.listening(_TouchNotice(context)):
-                return method(self, request, context)
+            return method(self, request, context)
         except KeydError as exc:
             _abort(context, exc)
         except Exception:  # noqa: BLE001 - last resort: log it, tell the caller INTERNAL
             _internal(context, method.__name__)
+        finally:
+            notice.stop(listening)
 
     return handler
 

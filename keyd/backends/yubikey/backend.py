@@ -217,6 +217,14 @@ class YubiKeyBackend(Backend):
             )
         self._pin_epoch = self._device.epoch
 
+    def _pin_before_use(self, session: PivSession, where: _Slot) -> None:
+        """Verify the PIN as the slot's policy asks before one private-key use: ALWAYS
+        every time, ONCE after each (re)opening of the card, NEVER not at all."""
+        if where.pin_policy == "always" or (
+            where.pin_policy == "once" and self._pin_epoch != self._device.epoch
+        ):
+            self._verify_pin(session)
+
     def reload(self) -> None:
         """Re-read the PIN and management key, and re-arm, unless the PIN is still the
         one the card refused (under systemd, credentials are read only at start)."""
@@ -312,13 +320,11 @@ class YubiKeyBackend(Backend):
         return _Slot(where, *_named_policies(where, meta.pin_policy, meta.touch_policy))
 
     def _attest(
-        self, session: PivSession, where: _Slot | SLOT, public: PublicKeyTypes
+        self, session: PivSession, where: _Slot, public: PublicKeyTypes
     ) -> attestation.Attestation:
-        """Verify the card's attestation of the key; with a _Slot, the card must also have
-        applied its policies."""
-        slot = where.slot if isinstance(where, _Slot) else where
+        """Verify the card's attestation of the key, which must show the slot's policies."""
         try:
-            statement = session.attest_key(slot)
+            statement = session.attest_key(where.slot)
             device = session.get_certificate(SLOT.ATTESTATION)
         except (ApduError, NotSupportedError) as exc:
             why = f"status {exc.sw:04x}" if isinstance(exc, ApduError) else str(exc)
@@ -332,8 +338,8 @@ class YubiKeyBackend(Backend):
             roots=self._roots,
             intermediates=self._intermediates,
             serial=self._serial,
-            pin_policy=where.pin_policy if isinstance(where, _Slot) else "",
-            touch_policy=where.touch_policy if isinstance(where, _Slot) else "",
+            pin_policy=where.pin_policy,
+            touch_policy=where.touch_policy,
         )
 
     def _location(
@@ -364,8 +370,7 @@ class YubiKeyBackend(Backend):
                     f"slot {where:02x} of {self._who} holds a key type keyd does not use"
                 )
             challenge = SignInput.of_message(secrets.token_bytes(32))
-            if found.slot.pin_policy != "never":
-                self._verify_pin(session)
+            self._pin_before_use(session, found.slot)
             signature = piv.sign(
                 session,
                 where,
@@ -435,12 +440,9 @@ class YubiKeyBackend(Backend):
         before_touch = self._touch_notice(where)
 
         def sign(session: PivSession) -> list[bytes]:
-            if where.pin_policy == "once" and self._pin_epoch != self._device.epoch:
-                self._verify_pin(session)
             signatures = []
             for payload in payloads:
-                if where.pin_policy == "always":
-                    self._verify_pin(session)
+                self._pin_before_use(session, where)
                 signatures.append(
                     piv.sign(
                         session,

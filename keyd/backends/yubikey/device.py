@@ -186,22 +186,14 @@ class YubiKeyDevice:
     def _serial_in(self, reader: object) -> int | None:
         """The serial of the card in `reader`, read in shared mode and left as it was."""
         connection = _Connection(reader.createConnection(), exclusive=False)  # type: ignore[attr-defined]
-        try:
-            return PivSession(connection).get_serial()
-        except Exception:  # noqa: BLE001 - not a YubiKey PIV we can read: not ours
-            return None
-        finally:
-            connection.close()
+        _, serial = _piv_session(connection)
+        connection.close()
+        return serial
 
     def _exclusive(self, reader: object) -> Opened | None:
         connection = _Connection(reader.createConnection(), exclusive=True)  # type: ignore[attr-defined]
-        try:
-            session = PivSession(connection)
-            serial = session.get_serial()
-        except Exception:  # noqa: BLE001 - not a YubiKey PIV we can read: not ours
-            connection.close()
-            return None
-        if serial != self.serial:
+        session, serial = _piv_session(connection)
+        if session is None or serial != self.serial:
             connection.close()
             return None
         return Opened(str(reader), connection, session)
@@ -210,3 +202,13 @@ class YubiKeyDevice:
         if self.reader:
             return name == self.reader
         return _YUBICO in name.lower()
+
+
+def _piv_session(connection: _Connection) -> tuple[PivSession | None, int | None]:
+    """PIV selected on the card and its serial; (None, None) for a card that is not a
+    YubiKey PIV keyd can read (then it is not ours)."""
+    try:
+        session = PivSession(connection)
+        return session, session.get_serial()
+    except Exception:  # noqa: BLE001 - any card, any failure: not ours
+        return None, None
