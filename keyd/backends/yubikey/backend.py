@@ -102,20 +102,16 @@ def load_secrets(name: str, config: YubiKeyConfig) -> piv.Secrets:
 
 def load_trust(config: YubiKeyConfig) -> tuple[list[x509.Certificate], list[x509.Certificate]]:
     """Attestation roots and intermediates: configured, or Yubico's bundled ones."""
+    configured = [c for path in config.attestation_intermediates for c in _read_pems(path)]
     if config.attestation_roots:
-        roots = [c for path in config.attestation_roots for c in _read_pems(path)]
-        intermediates = [c for path in config.attestation_intermediates for c in _read_pems(path)]
-        return roots, intermediates
+        return [c for path in config.attestation_roots for c in _read_pems(path)], configured
     bundled = resources.files("keyd.backends.yubikey") / "roots"
     roots, intermediates = [], []
     for entry in sorted(bundled.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".pem"):
             for cert in x509.load_pem_x509_certificates(entry.read_bytes()):
                 (roots if cert.subject == cert.issuer else intermediates).append(cert)
-    return roots, [
-        *intermediates,
-        *(c for path in config.attestation_intermediates for c in _read_pems(path)),
-    ]
+    return roots, [*intermediates, *configured]
 
 
 def _read_pems(path: Path) -> list[x509.Certificate]:
