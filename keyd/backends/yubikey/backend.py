@@ -106,7 +106,8 @@ def load_trust(config: YubiKeyConfig) -> tuple[list[x509.Certificate], list[x509
     if config.attestation_roots:
         return [c for path in config.attestation_roots for c in _read_pems(path)], configured
     bundled = resources.files("keyd.backends.yubikey") / "roots"
-    roots, intermediates = [], []
+    roots: list[x509.Certificate] = []
+    intermediates: list[x509.Certificate] = []
     for entry in sorted(bundled.iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".pem"):
             for cert in x509.load_pem_x509_certificates(entry.read_bytes()):
