@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import grpc._channel  # grpc imports it only when a channel is made: before the uid drops
 
 from keyd.client import CHANNEL_OPTIONS, Client, translate_error
 from keyd.core.keytypes import KeyType
