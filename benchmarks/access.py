@@ -58,14 +58,14 @@ def _measure(report: Report, d: Daemon, tag: str, runs: int, seconds: float) -> 
         )
     with grpc.insecure_channel(f"unix:{d.socket}") as channel:
         signer = pb_grpc.SignServiceStub(channel)
-        batch_rate(signer, batch, 2, 0.5)  # warm-up
+        batch_rate(signer.SignBatch, batch, 2, 0.5)  # warm-up
         sequential_latency_ms(lambda: signer.Sign(request), 300)
         for _ in range(runs):
             report.add(
                 f"batch_{tag}",
                 f"SignBatch, 2 calls x {BATCH}, access {name}",
                 "/s",
-                batch_rate(signer, batch, 2, seconds),
+                batch_rate(signer.SignBatch, batch, 2, seconds),
             )
             p50, _ = sequential_latency_ms(lambda: signer.Sign(request), 1000)
             report.add(f"p50_{tag}", f"Sign sequential p50, access {name}", "ms", p50)

@@ -5,6 +5,9 @@ measured in the same run on the same machine:
   unary Sign, 16 concurrent callers   vs  a trivial echo RPC (same grpcio server model)
   unary Sign, sequential p50          (target: under 0.6 ms)
   SignBatch, several streams          vs  in-process single-thread `cryptography` signing
+  bare signing handlers (Sign, SignBatch with no keyd code, benchmarks.echo_server):
+                                      what any Python signer on this server model reaches,
+                                      so keyd's own cost and the stack's are told apart
   10,000-key store: time to READY=1, and sign latency  vs  a 10-key store
   [store] verify_signatures on        vs  off (in-process, the cost of verifying)
 ECDSA P-256 keys and 1 KiB payloads throughout.
@@ -30,7 +33,7 @@ import grpc
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from benchmarks.echo_server import METHOD
+from benchmarks.echo_server import BARE_BATCH, BARE_SIGN, METHOD
 from keyd.backends.store import StoreBackend
 from keyd.config import SecretKind
 from keyd.core.keytypes import KeyType, SignatureEncoding
@@ -150,7 +153,10 @@ def sequential_latency_ms(call: Callable[[], object], n: int) -> tuple[float, fl
 
 
 def batch_rate(
-    stub: pb_grpc.SignServiceStub, batch: pb.SignBatchRequest, in_flight: int, seconds: float
+    sign_batch: Callable[[pb.SignBatchRequest], pb.SignBatchResponse],
+    batch: pb.SignBatchRequest,
+    in_flight: int,
+    seconds: float,
 ) -> float:
     """Signatures per second with `in_flight` SignBatch calls outstanding at any time
     (one client thread each, back to back)."""
@@ -159,7 +165,7 @@ def batch_rate(
 
     def caller(index: int) -> None:
         while time.perf_counter() < stop_at:
-            response = stub.SignBatch(batch)
+            response = sign_batch(batch)
             if response.results[0].WhichOneof("result") != "signature":
                 raise RuntimeError(f"batch item failed: {response.results[0].error.message}")
             counts[index] += len(response.results)
@@ -253,48 +259,59 @@ def unary_and_batch(report: Report, work: Path, runs: int, seconds: float) -> No
                 grpc.aio.insecure_channel(f"unix:{d.socket}") as keyd_ch,
             ):
                 echo = echo_ch.unary_unary(METHOD, None, None)
+                bare = echo_ch.unary_unary(
+                    BARE_SIGN, pb.SignRequest.SerializeToString, pb.SignResponse.FromString
+                )
                 signer = pb_grpc.SignServiceStub(keyd_ch)
 
                 async def call_echo() -> object:
                     return await echo(PAYLOAD)
 
+                async def call_bare() -> object:
+                    return await bare(request)
+
                 async def call_sign() -> object:
                     return await signer.Sign(request)
 
-                await concurrent_rate(call_echo, CALLERS, 0.5)  # warm-up
-                await concurrent_rate(call_sign, CALLERS, 0.5)
+                calls = (
+                    ("echo16", "echo RPC, 16 concurrent callers", call_echo),
+                    ("bare16", "bare signing handler, 16 concurrent callers", call_bare),
+                    ("sign16", "Sign, 16 concurrent callers", call_sign),
+                )
+                for _, _, call in calls:
+                    await concurrent_rate(call, CALLERS, 0.5)  # warm-up
                 for _ in range(runs):
-                    report.add(
-                        "echo16",
-                        "echo RPC, 16 concurrent callers",
-                        "/s",
-                        await concurrent_rate(call_echo, CALLERS, seconds),
-                    )
-                    report.add(
-                        "sign16",
-                        "Sign, 16 concurrent callers",
-                        "/s",
-                        await concurrent_rate(call_sign, CALLERS, seconds),
-                    )
+                    for key, name, call in calls:
+                        report.add(key, name, "/s", await concurrent_rate(call, CALLERS, seconds))
 
         with (
             grpc.insecure_channel(f"unix:{echo_path}") as echo_ch,
             grpc.insecure_channel(f"unix:{d.socket}") as keyd_ch,
         ):
             echo_sync = echo_ch.unary_unary(METHOD, None, None)
+            bare_batch = echo_ch.unary_unary(
+                BARE_BATCH, pb.SignBatchRequest.SerializeToString, pb.SignBatchResponse.FromString
+            )
             signer = pb_grpc.SignServiceStub(keyd_ch)
+            batch_rate(bare_batch, batch, 2, 0.5)  # warm-up
             for streams in STREAMS:
-                batch_rate(signer, batch, streams, 0.5)  # warm-up
+                batch_rate(signer.SignBatch, batch, streams, 0.5)
             for _ in range(runs):
                 report.add(
                     "inproc", "in-process cryptography, 1 thread", "/s", inprocess_rate(seconds)
+                )
+                report.add(
+                    "bare_batch",
+                    f"bare batch handler, 2 calls in flight x {BATCH}",
+                    "/s",
+                    batch_rate(bare_batch, batch, 2, seconds),
                 )
                 for streams in STREAMS:
                     report.add(
                         f"batch{streams}",
                         f"SignBatch, {streams} calls in flight x {BATCH}",
                         "/s",
-                        batch_rate(signer, batch, streams, seconds),
+                        batch_rate(signer.SignBatch, batch, streams, seconds),
                     )
             sequential_latency_ms(lambda: signer.Sign(request), 300)
             for _ in range(runs):
@@ -308,6 +325,8 @@ def unary_and_batch(report: Report, work: Path, runs: int, seconds: float) -> No
         asyncio.run(concurrent())
 
     report.ratio("Sign 16 callers / echo 16 callers", "sign16", "echo16", floor=0.8)
+    report.ratio("  bare signing handler / echo (no keyd code)", "bare16", "echo16")
+    report.ratio("  Sign / bare signing handler (keyd's own cost)", "sign16", "bare16")
     for streams in STREAMS:
         report.ratio(
             f"SignBatch {streams} streams / in-process 1 thread",
@@ -315,6 +334,8 @@ def unary_and_batch(report: Report, work: Path, runs: int, seconds: float) -> No
             "inproc",
             floor=1.0,
         )
+    report.ratio("  bare batch handler / in-process (no keyd code)", "bare_batch", "inproc")
+    report.ratio("  SignBatch 2 streams / bare batch handler", "batch2", "bare_batch")
     report.ratio("Sign sequential p50 / echo sequential p50", "sign_p50", "echo_p50")
     p50 = report.figures["sign_p50"].median
     report.lines.append(

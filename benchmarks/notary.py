@@ -2,7 +2,9 @@
 
 Both signers run side by side with the same throwaway PKI; the same Python gRPC
 client (mutual TLS, one channel) measures each, interleaved run by run:
-  Sign, sequential (rate and p50) and with 16 concurrent callers, P-256, 1 KiB
+  Sign, sequential (rate and p50) and with 16 concurrent callers, P-256, 1 KiB,
+  also for a bare Python signer (benchmarks.bare_notary_signer: the shim's server
+  model signing in-process, no keyd): the ceiling of a shim written on grpcio
   `notary publish` of one target (server-managed snapshot), each signer behind
   its own notary-server
 Floors: the shim's concurrent rate at least 0.5x notary-signer's; publish within 1.2x.
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -64,7 +68,34 @@ def _signers(work: Path) -> Iterator[tuple[Pki, dict[str, int]]]:
         )
         shim.start()
         stack.callback(shim.stop)
-        yield pki, {"notary-signer": real.port, "keyd shim": shim.port}
+        bare = stack.enter_context(_bare_signer(pki))
+        yield pki, {"notary-signer": real.port, "keyd shim": shim.port, "bare Python signer": bare}
+
+
+@contextmanager
+def _bare_signer(pki: Pki) -> Iterator[int]:
+    """benchmarks.bare_notary_signer on a free port; yields the port."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.bare_notary_signer",
+            str(port),
+            str(pki.signer_cert),
+            str(pki.signer_key),
+            str(pki.ca_cert),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError("the bare Python signer did not start")
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def sign_rates(report: Report, pki: Pki, ports: dict[str, int], runs: int, seconds: float) -> None:
@@ -114,6 +145,8 @@ def publish_times(report: Report, work: Path, pki: Pki, ports: dict[str, int]) -
     with ExitStack() as stack:
         clients = {}
         for name, port in ports.items():
+            if name == "bare Python signer":
+                continue  # it keeps one key: not a signer notary-server can publish with
             server = stack.enter_context(NotaryServer(pki, port))
             server.start()
             client = stack.enter_context(NotaryClient(server.url, pki.ca_cert))
@@ -142,6 +175,11 @@ def notary_vs_shim(report: Report, work: Path, runs: int, seconds: float) -> Non
         publish_times(report, work, pki, ports)
     report.ratio(
         "shim / notary-signer, Sign 16 callers", "keyd shim_c16", "notary-signer_c16", floor=0.5
+    )
+    report.ratio(
+        "  bare Python signer / notary-signer (ceiling in Python)",
+        "bare Python signer_c16",
+        "notary-signer_c16",
     )
     report.ratio("shim / notary-signer, Sign sequential", "keyd shim_seq", "notary-signer_seq")
     report.ratio(

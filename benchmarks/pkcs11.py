@@ -160,7 +160,7 @@ def _measure(
             name = key_type.value
             batch = pb.SignBatchRequest(requests=[_request(record.key_id)] * BATCH[key_type])
             cka_id = bytes.fromhex(record.location["cka_id"])
-            batch_rate(stub, batch, THREADS, 0.5)  # warm-up: sessions open, handles found
+            batch_rate(stub.SignBatch, batch, THREADS, 0.5)  # warm-up: sessions open, handles found
             for _ in range(runs):
                 report.add(
                     f"{name}_inproc",
@@ -172,7 +172,7 @@ def _measure(
                     f"{name}_batch",
                     f"{name}: SignBatch, {THREADS} calls x {BATCH[key_type]}",
                     "/s",
-                    batch_rate(stub, batch, THREADS, seconds),
+                    batch_rate(stub.SignBatch, batch, THREADS, seconds),
                 )
         # Sequential latency, interleaved with a store key's as the transport's share.
         sequential = {"store": functools.partial(stub.Sign, _request(store_key))}

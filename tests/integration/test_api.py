@@ -138,7 +138,10 @@ def test_delete_then_purge_and_the_key_is_gone(client: Client) -> None:
         client.delete_key(record.key_id)
 
 
-def test_sign_batch_mixed_results_in_order(client: Client, keys: dict[KeyType, KeyRecord]) -> None:
+@pytest.mark.parametrize("in_flight", [1, 2], ids=["blocking", "futures"])
+def test_sign_batch_mixed_results_in_order(
+    client: Client, keys: dict[KeyType, KeyRecord], in_flight: int
+) -> None:
     p256 = keys[KeyType.ECDSA_P256]
     ed = keys[KeyType.ED25519]
     items = [
@@ -148,7 +151,7 @@ def test_sign_batch_mixed_results_in_order(client: Client, keys: dict[KeyType, K
         SignItem(ed.key_id, digest=b"\0" * 32),  # Ed25519 cannot sign a digest
         SignItem(p256.key_id, message=b"five", encoding=SignatureEncoding.RAW),
     ] * 30
-    results = list(client.sign_batch(items, batch_size=7))
+    results = list(client.sign_batch(items, batch_size=7, in_flight=in_flight))
     assert len(results) == len(items)
     for item, result in zip(items, results, strict=True):
         if item.key_id == "0" * 64:

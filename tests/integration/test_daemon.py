@@ -21,10 +21,16 @@ from pathlib import Path
 import grpc
 import pytest
 
-from keyd.client import Client
+from keyd.client import Client, SignItem
 from keyd.core.keytypes import KeyType, SignatureEncoding
 from keyd.core.signing import SignInput
-from keyd.errors import KeydError, PayloadTooLarge, ResourceExhausted, Unavailable
+from keyd.errors import (
+    InvalidArgument,
+    KeydError,
+    PayloadTooLarge,
+    ResourceExhausted,
+    Unavailable,
+)
 from keyd.v1 import keyd_pb2 as pb
 from keyd.v1 import keyd_pb2_grpc as pb_grpc
 from tests.harness import Daemon
@@ -358,6 +364,11 @@ def test_oversized_messages_are_refused_and_daemon_keeps_serving(daemon_home: Pa
                     stub.SignBatch(batch, timeout=10)
                 assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
                 assert "the limit is 4" in str(info.value.details())
+            # Through the client, a refused call is one typed error, however it is sent.
+            items = [SignItem(key.key_id, message=b"m")] * 5
+            for in_flight in (1, 2):
+                with pytest.raises(InvalidArgument, match="batch of 5 requests; the limit is 4"):
+                    list(c.sign_batch(items, batch_size=5, in_flight=in_flight))
             sig = c.sign(key.key_id, b"x" * 1024, encoding=SignatureEncoding.RAW)
             assert len(sig.signature) == 64
     finally:
