@@ -289,6 +289,9 @@ def unary_and_batch(report: Report, work: Path, runs: int, seconds: float) -> No
             grpc.insecure_channel(f"unix:{d.socket}") as keyd_ch,
         ):
             echo_sync = echo_ch.unary_unary(METHOD, None, None)
+            bare_sync = echo_ch.unary_unary(
+                BARE_SIGN, pb.SignRequest.SerializeToString, pb.SignResponse.FromString
+            )
             bare_batch = echo_ch.unary_unary(
                 BARE_BATCH, pb.SignBatchRequest.SerializeToString, pb.SignBatchResponse.FromString
             )
@@ -317,6 +320,8 @@ def unary_and_batch(report: Report, work: Path, runs: int, seconds: float) -> No
             for _ in range(runs):
                 p50, _p99 = sequential_latency_ms(lambda: echo_sync(PAYLOAD), 2000)
                 report.add("echo_p50", "echo RPC, sequential p50", "ms", p50)
+                p50, _p99 = sequential_latency_ms(lambda: bare_sync(request), 2000)
+                report.add("bare_p50", "bare signing handler, sequential p50", "ms", p50)
                 p50, _p99 = sequential_latency_ms(lambda: signer.Sign(request), 2000)
                 report.add("sign_p50", "Sign, sequential p50", "ms", p50)
 
@@ -337,6 +342,7 @@ def unary_and_batch(report: Report, work: Path, runs: int, seconds: float) -> No
     report.ratio("  bare batch handler / in-process (no keyd code)", "bare_batch", "inproc")
     report.ratio("  SignBatch 2 streams / bare batch handler", "batch2", "bare_batch")
     report.ratio("Sign sequential p50 / echo sequential p50", "sign_p50", "echo_p50")
+    report.ratio("  bare signing handler p50 / echo p50 (no keyd code)", "bare_p50", "echo_p50")
     p50 = report.figures["sign_p50"].median
     report.lines.append(
         f"{'Sign sequential p50':<58} {p50:6.3f}ms (target < 0.6 ms: "
