@@ -11,9 +11,7 @@ can reach in Python on the same machine.
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 from concurrent import futures
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import grpc
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from benchmarks.echo_server import serve_until_terminated
 from keyd.core.keys import PublicKey
 from keyd.core.keytypes import KeyType
 from keyd.core.signing import der_to_raw
@@ -71,12 +70,7 @@ def main() -> None:
         require_client_auth=True,
     )
     server.add_secure_port(f"127.0.0.1:{port}", credentials)
-    server.start()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print("ready", flush=True)
-    stop.wait()
-    server.stop(0).wait()
+    serve_until_terminated(server)
 
 
 if __name__ == "__main__":

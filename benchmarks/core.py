@@ -196,19 +196,24 @@ def inprocess_rate(seconds: float) -> float:
 
 
 @contextmanager
-def echo_server(directory: Path) -> Iterator[Path]:
-    path = directory / "echo.sock"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.echo_server", str(path)], stdout=subprocess.PIPE
-    )
+def ready_process(module: str, *args: str) -> Iterator[None]:
+    """`python -m module args...`, from its "ready" line on stdout until the block ends."""
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None
         if proc.stdout.readline().strip() != b"ready":
-            raise RuntimeError("echo server did not start")
-        yield path
+            raise RuntimeError(f"{module} did not start")
+        yield
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@contextmanager
+def echo_server(directory: Path) -> Iterator[Path]:
+    path = directory / "echo.sock"
+    with ready_process("benchmarks.echo_server", str(path)):
+        yield path
 
 
 @contextmanager

@@ -71,6 +71,11 @@ def main() -> None:
         )
     )
     server.add_insecure_port(f"unix:{path}")
+    serve_until_terminated(server)
+
+
+def serve_until_terminated(server: grpc.Server) -> None:
+    """Start, say "ready" on stdout (see benchmarks.core.ready_process), stop on SIGTERM."""
     server.start()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -23,13 +21,21 @@ from pathlib import Path
 
 import grpc
 
-from benchmarks.core import CALLERS, PAYLOAD, Report, concurrent_rate, sequential_latency_ms
+from benchmarks.core import (
+    CALLERS,
+    PAYLOAD,
+    Report,
+    concurrent_rate,
+    ready_process,
+    sequential_latency_ms,
+)
 from keyd.notary.wire import signer_pb2 as pb
 from keyd.notary.wire import signer_pb2_grpc as pb_grpc
 from tests.harness import Daemon, NotaryShim
 from tests.notary_rig import NotaryClient, NotaryServer, NotarySigner, Pki, free_port, make_pki
 
 GUN = "bench.example.com/app"
+BARE = "bare Python signer"
 PUBLISHES = 9
 
 
@@ -69,33 +75,16 @@ def _signers(work: Path) -> Iterator[tuple[Pki, dict[str, int]]]:
         shim.start()
         stack.callback(shim.stop)
         bare = stack.enter_context(_bare_signer(pki))
-        yield pki, {"notary-signer": real.port, "keyd shim": shim.port, "bare Python signer": bare}
+        yield pki, {"notary-signer": real.port, "keyd shim": shim.port, BARE: bare}
 
 
 @contextmanager
 def _bare_signer(pki: Pki) -> Iterator[int]:
     """benchmarks.bare_notary_signer on a free port; yields the port."""
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.bare_notary_signer",
-            str(port),
-            str(pki.signer_cert),
-            str(pki.signer_key),
-            str(pki.ca_cert),
-        ],
-        stdout=subprocess.PIPE,
-    )
-    try:
-        assert proc.stdout is not None
-        if proc.stdout.readline().strip() != b"ready":
-            raise RuntimeError("the bare Python signer did not start")
+    files = (pki.signer_cert, pki.signer_key, pki.ca_cert)
+    with ready_process("benchmarks.bare_notary_signer", str(port), *map(str, files)):
         yield port
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def sign_rates(report: Report, pki: Pki, ports: dict[str, int], runs: int, seconds: float) -> None:
@@ -145,7 +134,7 @@ def publish_times(report: Report, work: Path, pki: Pki, ports: dict[str, int]) -
     with ExitStack() as stack:
         clients = {}
         for name, port in ports.items():
-            if name == "bare Python signer":
+            if name == BARE:
                 continue  # it keeps one key: not a signer notary-server can publish with
             server = stack.enter_context(NotaryServer(pki, port))
             server.start()
@@ -178,7 +167,7 @@ def notary_vs_shim(report: Report, work: Path, runs: int, seconds: float) -> Non
     )
     report.ratio(
         "  bare Python signer / notary-signer (ceiling in Python)",
-        "bare Python signer_c16",
+        f"{BARE}_c16",
         "notary-signer_c16",
     )
     report.ratio("shim / notary-signer, Sign sequential", "keyd shim_seq", "notary-signer_seq")
